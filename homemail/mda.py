@@ -1,0 +1,500 @@
+"""Local delivery: the mail delivery agent's Maildir and mbox writers.
+
+This module owns what happens to a message once the scheduler has decided it goes to a local
+mailbox: the loop check against ``Delivered-To:``, the ``Return-Path:``/``Delivered-To:`` lines
+prepended to every delivered copy, the conversion from the queue's CRLF line endings to the LF
+endings local mailboxes use, and the two on-disk formats.
+
+Maildir (https://cr.yp.to/proto/maildir.html): ``tmp/``, ``new/`` and ``cur/`` under the maildir.
+A message is written to ``tmp/NAME``, fsynced, linked (or renamed) to ``new/NAME`` and the ``new``
+directory is fsynced. ``NAME`` is derived from the envelope, ``CTIME.EEVPID.HOST`` with the
+envelope id as 16 hex digits and ``/`` and ``:`` in the host name written as ``\\057`` and
+``\\072``, so that a delivery retried after a crash finds its earlier copy (in ``new/``, or in
+``cur/`` as ``NAME`` or ``NAME:2,FLAGS`` once a mail reader has seen it) instead of writing a
+second one.
+
+mbox (mboxrd flavour): each message is preceded by ``From SENDER DATE`` (``MAILER-DAEMON`` for
+the null sender, the date in asctime format, UTC), every body line matching ``^>*From `` gets one
+more ``>``, and each message ends with an empty line. The mailbox is locked with both a
+``PATH.lock`` dotlock and an fcntl lock, and it is refused (never written) when it is a symbolic
+link, has more than one hard link or is not a regular file. A failed write is truncated away.
+
+:func:`deliver_local` is the dispatch: it expands the action's path template (``%{user.directory}``
+and friends) and calls the right writer.
+
+Everything here is blocking and keeps no global state: the daemon runs these functions in worker
+threads or in a child process running as the recipient. Failures are reported only by raising
+:class:`DeliveryError`, which tells the caller whether to retry; nothing is logged here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from homemail.aliases import LocalUser
+    from homemail.config import Action
+    from homemail.queue import Envelope
+
+__all__ = [
+    "Delivery",
+    "DeliveryError",
+    "deliver_local",
+    "deliver_maildir",
+    "deliver_mbox",
+    "maildir_name",
+    "prepare",
+]
+
+#: How long deliver_mbox waits for the dotlock and the fcntl lock before giving up (seconds).
+LOCK_TIMEOUT = 30.0
+#: A dotlock older than this is considered left behind by a crashed process and removed (seconds).
+STALE_LOCK_AGE = 300.0
+
+_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+_NO_HARDLINK_ERRNOS = frozenset(
+    e
+    for e in (errno.EPERM, errno.EMLINK, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", None))
+    if e is not None
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_MBOX_FROM = re.compile(rb"^(>*From )", re.MULTILINE)
+
+
+class DeliveryError(Exception):
+    """A delivery that did not happen.
+
+    ``permanent`` tells the caller whether retrying can help; ``status`` is the RFC 3463
+    enhanced status code to report. ``text`` is always a single line.
+    """
+
+    def __init__(self, text: str, *, permanent: bool, status: str) -> None:
+        self.text = _one_line(text)
+        self.permanent = permanent
+        self.status = status
+        super().__init__(self.text)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the delivery agent needs to know about one envelope."""
+
+    evpid: int
+    ctime: int
+    sender: str
+    rcpt: str
+    dest: str
+    user: str
+    hostname: str
+    recovered: bool = False
+
+
+def prepare(message: bytes, d: Delivery) -> bytes:
+    """Return the bytes to store: loop check, trace lines prepended, CRLF turned into LF.
+
+    Raises a permanent :class:`DeliveryError` (5.4.6) when the header section already has a
+    ``Delivered-To:`` naming ``d.dest``. Bare CR, bare LF and 8-bit bytes are kept as they are.
+    """
+    dest = _strip_brackets(d.dest).lower()
+    for value in _header_values(message, b"delivered-to"):
+        if _strip_brackets(_address_part(value)).lower() == dest:
+            raise DeliveryError(
+                f"mail loop: already delivered to {d.dest}", permanent=True, status="5.4.6"
+            )
+    trace = (
+        b"Return-Path: <" + _header_bytes(d.sender) + b">\n"
+        b"Delivered-To: " + _header_bytes(_strip_brackets(d.dest)) + b"\n"
+    )
+    return trace + message.replace(b"\r\n", b"\n")
+
+
+# --- Maildir -------------------------------------------------------------------------------------
+
+
+def maildir_name(d: Delivery) -> str:
+    """The file name a delivery of ``d`` gets in ``tmp/`` and ``new/``."""
+    host = d.hostname.replace("/", "\\057").replace(":", "\\072").replace("\x00", "\\000")
+    return f"{d.ctime}.E{d.evpid:016x}.{host}"
+
+
+def deliver_maildir(maildir: str, message: bytes, d: Delivery) -> str:
+    """Deliver ``message`` into ``maildir`` exactly once; return the path of the delivered file.
+
+    When the file for this envelope is already in ``new/`` (or, for a recovered envelope, in
+    ``cur/``), nothing is written and that file's path is returned.
+    """
+    data = prepare(message, d)
+    name = maildir_name(d)
+    try:
+        tmp_dir, new_dir, cur_dir = _maildir_dirs(maildir)
+        tmp_path = os.path.join(tmp_dir, name)
+        new_path = os.path.join(new_dir, name)
+        done = _already_delivered(new_dir, cur_dir, name, d.recovered)
+        if done is not None:
+            if done == new_path:
+                _fsync_dir(new_dir)
+            return done
+        _write_new(tmp_path, data)
+        try:
+            _publish(tmp_path, new_path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+        _fsync_dir(new_dir)
+        return new_path
+    except OSError as e:
+        raise _os_failure("maildir", e) from e
+    except ValueError as e:  # a NUL byte in a configured path
+        raise DeliveryError(f"maildir: invalid path: {e}", permanent=False, status="4.2.0") from e
+
+
+def _maildir_dirs(maildir: str) -> tuple[str, str, str]:
+    os.makedirs(maildir, mode=0o700, exist_ok=True)
+    paths = []
+    for sub in ("tmp", "new", "cur"):
+        path = os.path.join(maildir, sub)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.stat(path).st_mode):
+                raise DeliveryError(
+                    f"maildir: {sub} is not a directory", permanent=False, status="4.2.0"
+                ) from None
+        paths.append(path)
+    return paths[0], paths[1], paths[2]
+
+
+def _already_delivered(new_dir: str, cur_dir: str, name: str, recovered: bool) -> str | None:
+    # new/ first, then cur/: a reader moving the file between the two checks cannot hide it.
+    new_path = os.path.join(new_dir, name)
+    if os.path.lexists(new_path):
+        return new_path
+    if recovered:
+        prefix = name + ":"
+        with os.scandir(cur_dir) as entries:
+            for entry in entries:
+                if entry.name == name or entry.name.startswith(prefix):
+                    return entry.path
+    return None
+
+
+def _write_new(tmp_path: str, data: bytes) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp_path)  # left behind by a crashed attempt
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp_path, flags, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
+    os.close(fd)
+
+
+def _publish(tmp_path: str, new_path: str) -> None:
+    try:
+        os.link(tmp_path, new_path)
+    except FileExistsError:
+        return  # an identical copy of this envelope's message is already there
+    except OSError as e:
+        if e.errno not in _NO_HARDLINK_ERRNOS:
+            raise
+        os.rename(tmp_path, new_path)  # a file system without hard links
+
+
+# --- mbox ----------------------------------------------------------------------------------------
+
+
+def deliver_mbox(
+    path: str,
+    message: bytes,
+    d: Delivery,
+    *,
+    lock_timeout: float = LOCK_TIMEOUT,
+    stale_lock_age: float = STALE_LOCK_AGE,
+) -> None:
+    """Append ``message`` to the mbox at ``path`` (created, mode 0600, when missing)."""
+    body = _MBOX_FROM.sub(rb">\1", prepare(message, d))
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    sender = _one_line(d.sender).replace(" ", "_").replace("\t", "_") or "MAILER-DAEMON"
+    date = time.asctime(time.gmtime(time.time()))
+    data = b"From " + _header_bytes(sender) + b" " + date.encode("ascii") + b"\n" + body + b"\n"
+    deadline = time.monotonic() + lock_timeout
+    try:
+        _check_mailbox(os.lstat(path))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise _os_failure("mbox", e) from e
+    except ValueError as e:
+        raise DeliveryError(f"mbox: invalid path: {e}", permanent=False, status="4.2.0") from e
+    try:
+        with _dotlock(path + ".lock", deadline, stale_lock_age), _open_mailbox(path) as fd:
+            _lockf(fd, deadline)
+            try:
+                st = os.fstat(fd)
+                _check_mailbox(st)
+                try:
+                    now = os.lstat(path)
+                except FileNotFoundError:
+                    now = None
+                if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    raise DeliveryError(
+                        "mbox: mailbox was replaced while locking", permanent=False, status="4.2.0"
+                    )
+                _append(fd, data, st.st_size)
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+    except OSError as e:
+        raise _os_failure("mbox", e) from e
+
+
+def _check_mailbox(st: os.stat_result) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        problem = "has more than one hard link"
+    else:
+        return
+    raise DeliveryError(f"mbox: mailbox {problem}", permanent=False, status="4.2.0")
+
+
+@contextlib.contextmanager
+def _open_mailbox(path: str) -> Iterator[int]:
+    # O_NONBLOCK: a FIFO swapped in after the lstat fails with ENXIO instead of hanging us.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DeliveryError(
+                "mbox: mailbox is a symbolic link", permanent=False, status="4.2.0"
+            ) from None
+        raise
+    try:
+        _check_mailbox(os.fstat(fd))
+        os.set_blocking(fd, True)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _append(fd: int, data: bytes, size: int) -> None:
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        raise
+
+
+@contextlib.contextmanager
+def _dotlock(lock_path: str, deadline: float, stale_age: float) -> Iterator[None]:
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    pause = 0.005
+    while True:
+        try:
+            fd = os.open(lock_path, flags, 0o600)
+            break
+        except FileExistsError:
+            pass
+        try:
+            if time.time() - os.lstat(lock_path).st_mtime > stale_age:
+                os.unlink(lock_path)
+                continue
+        except FileNotFoundError:
+            continue
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeliveryError("mbox: mailbox is locked", permanent=False, status="4.2.0")
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.1)
+    try:
+        st = os.fstat(fd)
+        with contextlib.suppress(OSError):
+            _write_all(fd, f"{os.getpid()}\n".encode("ascii"))
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        # Remove the lock only if it is still ours (not broken as stale and taken by another).
+        with contextlib.suppress(OSError):
+            now = os.lstat(lock_path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(lock_path)
+
+
+def _lockf(fd: int, deadline: float) -> None:
+    pause = 0.005
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeliveryError("mbox: mailbox is locked", permanent=False, status="4.2.0")
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.1)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_failure(what: str, e: OSError) -> DeliveryError:
+    # strerror only: the file name would reveal local paths to whoever reads the bounce.
+    reason = e.strerror or type(e).__name__
+    if e.errno in _FULL_ERRNOS:
+        return DeliveryError(f"{what}: mailbox full: {reason}", permanent=False, status="4.2.2")
+    return DeliveryError(f"{what}: {reason}", permanent=False, status="4.2.0")
+
+
+def _one_line(text: str) -> str:
+    return _CONTROL.sub(" ", text).strip()
+
+
+def _header_bytes(text: str) -> bytes:
+    text = _one_line(text)
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+
+
+def _strip_brackets(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    return address
+
+
+def _address_part(value: str) -> str:
+    # "Name <addr>" -> "<addr>"; a bare address is returned as it is.
+    start, end = value.rfind("<"), value.rfind(">")
+    if 0 <= start < end:
+        return value[start : end + 1]
+    return value
+
+
+def _header_values(message: bytes, name: bytes) -> Iterator[str]:
+    """Yield the unfolded values of the header fields called ``name`` (lower case)."""
+    fields: list[bytes] = []
+    for line in message.split(b"\n"):
+        line = line.removesuffix(b"\r")
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b" " + line.strip()
+        else:
+            fields.append(line)
+    for field in fields:
+        key, sep, value = field.partition(b":")
+        if sep and key.rstrip().lower() == name:
+            yield value.decode("utf-8", "surrogateescape").strip()
+
+
+# -- dispatch: from an envelope and its action to one of the deliveries above -----------------
+
+_FORMAT = re.compile(r"%\{([a-z.]+)(?:\[(-?\d*):(-?\d*)\])?(?::([a-z|]+))?\}")
+_NETWORK_KEYS = {"sender", "sender.user", "sender.domain", "rcpt", "rcpt.user", "rcpt.domain",
+                 "dest", "dest.user", "dest.domain"}
+
+
+def expand_format(template: str, values: dict[str, str]) -> str:
+    """Expand ``%{key}``, ``%{key[a:b]}`` and ``%{key:lowercase|uppercase|strip}``.
+
+    Values that came from the network may not turn a path into another path: one holding ``/``
+    or equal to ``.``/``..`` is refused.
+    """
+
+    def one(m: re.Match[str]) -> str:
+        key, start, end, mods = m.group(1), m.group(2), m.group(3), m.group(4)
+        if key not in values:
+            raise DeliveryError(f"unknown format specifier %{{{key}}}", permanent=True,
+                                status="5.3.5")
+        value = values[key]
+        for mod in (mods or "").split("|"):
+            if mod == "lowercase":
+                value = value.lower()
+            elif mod == "uppercase":
+                value = value.upper()
+            elif mod == "strip":
+                value = value.split("+", 1)[0]
+            elif mod:
+                raise DeliveryError(f"unknown format modifier :{mod}", permanent=True,
+                                    status="5.3.5")
+        if start is not None or end is not None:
+            value = value[int(start) if start else None : int(end) if end else None]
+        if key in _NETWORK_KEYS and ("/" in value or value in (".", "..") or "\0" in value):
+            raise DeliveryError("unsafe value in a delivery path", permanent=True, status="5.3.5")
+        return value
+
+    return _FORMAT.sub(one, template)
+
+
+def format_values(sender: str, rcpt: str, dest: str, user: str, home: str) -> dict[str, str]:
+    values = {"user.username": user, "user.directory": home}
+    for name, address in (("sender", sender), ("rcpt", rcpt), ("dest", dest)):
+        local, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
+        values[name] = address
+        values[f"{name}.user"] = local
+        values[f"{name}.domain"] = domain
+    return values
+
+
+def deliver_local(action: Action, user: LocalUser, env: Envelope, message: bytes,
+                  hostname: str) -> None:
+    """Deliver one envelope with its configured action; raises DeliveryError."""
+    values = format_values(env.sender, env.rcpt, env.dest, user.name, user.home)
+    d = Delivery(evpid=env.evpid, ctime=int(env.ctime), sender=env.sender, rcpt=env.rcpt,
+                 dest=env.dest, user=user.name, hostname=hostname, recovered=env.recovered)
+    if action.method == "maildir":
+        path = expand_format(action.path or "%{user.directory}/Maildir", values)
+        if not os.path.isabs(path):
+            path = os.path.join(user.home, path)
+        deliver_maildir(path, message, d)
+    elif action.method == "mbox":
+        path = expand_format(action.path or "/var/mail/%{user.username}", values)
+        deliver_mbox(path, message, d)
+    else:
+        raise DeliveryError(f"delivery method {action.method!r} is not supported",
+                            permanent=False, status="4.3.5")

@@ -1,0 +1,127 @@
+"""The queue: envelopes, identifiers, and the interface its backends implement.
+
+A message is stored once; each recipient of it has an envelope (JSON, never ``key: value``
+lines — CVE-2020-8794).  Identifiers follow OpenSMTPD: a msgid is 32 random bits, an evpid is
+``msgid << 32 | 32 random bits``, both printed in hex.
+
+:class:`Queue` is the contract: ``commit`` returns only once the message and its envelopes are
+durable, which is what allows the SMTP session to answer 250.  ``queue_fs`` is the daemon's
+backend, ``queue_ram`` the in-memory one for unit tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def new_msgid() -> int:
+    while True:
+        msgid = secrets.randbits(32)
+        if msgid:
+            return msgid
+
+
+def new_evpid(msgid: int) -> int:
+    while True:
+        low = secrets.randbits(32)
+        if low:
+            return (msgid << 32) | low
+
+
+def msgid_of(evpid: int) -> int:
+    return evpid >> 32
+
+
+def format_id(ident: int) -> str:
+    return f"{ident:016x}" if ident > 0xFFFFFFFF else f"{ident:08x}"
+
+
+def parse_id(text: str) -> int:
+    """Parse a msgid or evpid as printed; raises ValueError."""
+    if not text or len(text) > 16 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ValueError(f"not a message or envelope id: {text!r}")
+    return int(text, 16)
+
+
+@dataclass
+class Envelope:
+    """One recipient of one message, as stored in the queue."""
+
+    evpid: int
+    sender: str  # "" is the null sender
+    rcpt: str  # the recipient as the client gave it
+    dest: str  # the final address after alias expansion
+    user: str  # local user the delivery runs as
+    action: str  # name of the action in the configuration
+    ctime: float
+    expire: float
+    type: str = "mda"
+    retry: int = 0
+    next_try: float = 0.0
+    last_try: float = 0.0
+    last_error: str = ""
+    warned: int = 0  # delay warnings already sent
+    paused: bool = False
+    bounce: bool = False  # this message is itself a DSN: never bounce it
+    smtputf8: bool = False
+    body: str = "7BIT"
+    dsn_notify: list[str] = field(default_factory=list)
+    dsn_orcpt: str = ""
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    src: str = ""  # where the message came from, for logs
+    helo: str = ""
+    recovered: bool = False  # loaded from disk at start; not stored
+
+    @property
+    def msgid(self) -> int:
+        return msgid_of(self.evpid)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        del data["recovered"]
+        return data
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), ensure_ascii=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Envelope:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class QueueError(Exception):
+    """The queue could not store or read something; callers treat it as a temporary failure."""
+
+
+class Queue(ABC):
+    """Where accepted mail lives until every envelope is delivered, bounced or removed."""
+
+    @abstractmethod
+    async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
+        """Store a message and its envelopes durably; raise QueueError if that failed."""
+
+    @abstractmethod
+    async def update(self, envelope: Envelope) -> None:
+        """Record an envelope's new scheduling state (retry count, last error, …)."""
+
+    @abstractmethod
+    async def remove(self, envelope: Envelope) -> None:
+        """Forget an envelope that is done; the message goes with its last envelope."""
+
+    @abstractmethod
+    def read_message(self, msgid: int) -> bytes:
+        """The message bytes as received (CRLF line endings); may block on disk."""
+
+    @abstractmethod
+    def load(self) -> list[Envelope]:
+        """Recover every envelope still to deliver (called once, at start)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release resources."""

@@ -1,0 +1,258 @@
+"""The scheduler: when each envelope is tried, what a result does to it, and bounces.
+
+Envelopes wait in a heap ordered by their next attempt.  Local delivery is retried at
+``creation + 10 s × n²`` for the n-th retry (OpenSMTPD's formula); an envelope still failing
+at its expiry (``queue ttl``) fails permanently.  A permanent failure sends a failure DSN to the
+sender, a delay of each ``bounce warn-interval`` sends a delay DSN; a DSN never answers a DSN
+(null sender) and honours ``NOTIFY=NEVER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from homemail import bounce, log
+from homemail.mda import DeliveryError
+from homemail.queue import Envelope, Queue, format_id
+
+LOCAL_RETRY_BASE = 10.0
+MAX_PARALLEL = 8
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    permanent: bool = False
+    status: str = "2.0.0"
+    text: str = "Ok"
+
+
+Deliver = Callable[[Envelope], Awaitable[None]]  # raises DeliveryError
+SubmitBounce = Callable[[str, bytes], Awaitable[None]]  # (recipient, message)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        queue: Queue,
+        deliver: Deliver,
+        submit_bounce: SubmitBounce,
+        *,
+        hostname: str,
+        warn_intervals: list[int],
+        retry_base: float = LOCAL_RETRY_BASE,
+        parallel: int = MAX_PARALLEL,
+    ) -> None:
+        self.queue = queue
+        self.deliver = deliver
+        self.submit_bounce = submit_bounce
+        self.hostname = hostname
+        self.warn_intervals = sorted(warn_intervals)
+        self.retry_base = retry_base
+        self.envelopes: dict[int, Envelope] = {}
+        self.running: set[int] = set()
+        self.stats: Counter[str] = Counter()
+        self.paused = False
+        self._heap: list[tuple[float, int]] = []
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(parallel)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def schedule(self, envelopes: list[Envelope]) -> None:
+        for env in envelopes:
+            self.envelopes[env.evpid] = env
+            heapq.heappush(self._heap, (env.next_try, env.evpid))
+        self._wakeup.set()
+
+    def schedule_now(self, evpid: int | None = None) -> int:
+        """Make one envelope (or all, for None) due now; returns how many."""
+        now = time.time()
+        count = 0
+        for env in self.envelopes.values():
+            if evpid is None or env.evpid == evpid:
+                env.next_try = now
+                heapq.heappush(self._heap, (now, env.evpid))
+                count += 1
+        self._wakeup.set()
+        return count
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now and not self.paused:
+                when, evpid = heapq.heappop(self._heap)
+                env = self.envelopes.get(evpid)
+                if env is None or env.next_try != when or env.paused or evpid in self.running:
+                    continue
+                await self._slots.acquire()
+                self.running.add(evpid)
+                task = asyncio.create_task(self._attempt(env))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            timeout = None
+            if self._heap and not self.paused:
+                timeout = max(0.0, self._heap[0][0] - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    async def _attempt(self, env: Envelope) -> None:
+        start = time.time()
+        try:
+            try:
+                await self.deliver(env)
+                outcome = Outcome(True)
+            except DeliveryError as exc:
+                outcome = Outcome(False, exc.permanent, exc.status, exc.text)
+            except Exception as exc:  # a bug or I/O failure: never lose the envelope
+                outcome = Outcome(False, False, "4.3.0", log.sanitize(f"internal error: {exc}"))
+            await self._settle(env, outcome, start)
+        finally:
+            self.running.discard(env.evpid)
+            self._slots.release()
+            self._wakeup.set()
+
+    async def _settle(self, env: Envelope, outcome: Outcome, start: float) -> None:
+        now = time.time()
+        result = "Ok" if outcome.ok else ("PermFail" if outcome.permanent else "TempFail")
+        log.event(
+            format_id(env.evpid),
+            "mda",
+            "delivery",
+            evpid=format_id(env.evpid),
+            from_=f"<{env.sender}>",
+            to=f"<{env.dest}>",
+            rcpt=f"<{env.rcpt}>",
+            user=env.user,
+            delay=f"{now - env.ctime:.3f}s",
+            result=result,
+            stat=f"{outcome.status} {outcome.text}",
+        )
+        env.last_try = now
+        if outcome.ok:
+            self.stats["scheduler.delivery.ok"] += 1
+            if "SUCCESS" in env.dsn_notify:
+                await self._dsn("success", env, outcome)
+            await self._done(env)
+            return
+        env.last_error = log.sanitize(f"{outcome.status} {outcome.text}")
+        if not outcome.permanent and now >= env.expire:
+            outcome = Outcome(
+                False,
+                True,
+                "4.4.7",
+                f"message expired after {int(now - env.ctime)} s: {outcome.text}",
+            )
+        if outcome.permanent:
+            self.stats["scheduler.delivery.permfail"] += 1
+            await self._dsn("failure", env, outcome)
+            await self._done(env)
+            return
+        self.stats["scheduler.delivery.tempfail"] += 1
+        env.retry += 1
+        env.next_try = max(now + 1.0, env.ctime + self.retry_base * env.retry * env.retry)
+        env.next_try = min(env.next_try, max(env.expire, now + 1.0))
+        passed = sum(1 for interval in self.warn_intervals if now - env.ctime >= interval)
+        if passed > env.warned:
+            env.warned = passed
+            await self._dsn("delay", env, outcome)
+        await self.queue.update(env)
+        if env.evpid in self.envelopes:
+            heapq.heappush(self._heap, (env.next_try, env.evpid))
+
+    async def _done(self, env: Envelope) -> None:
+        self.envelopes.pop(env.evpid, None)
+        await self.queue.remove(env)
+
+    async def remove(self, evpid: int) -> bool:
+        env = self.envelopes.pop(evpid, None)
+        if env is None:
+            return False
+        await self.queue.remove(env)
+        return True
+
+    # -- delivery status notifications ------------------------------------------------------
+
+    def _wants(self, kind: str, env: Envelope) -> bool:
+        if env.bounce or not env.sender:
+            return False
+        if "NEVER" in env.dsn_notify:
+            return False
+        if not env.dsn_notify:
+            return kind in ("failure", "delay")
+        return {"failure": "FAILURE", "delay": "DELAY", "success": "SUCCESS"}[
+            kind
+        ] in env.dsn_notify
+
+    async def _dsn(self, kind: str, env: Envelope, outcome: Outcome) -> None:
+        if not self._wants(kind, env):
+            return
+        try:
+            original = self.queue.read_message(env.msgid)
+        except Exception as exc:
+            log.event(format_id(env.evpid), "bounce", "failed", error=str(exc))
+            return
+        orcpt = env.dsn_orcpt.partition(";")[2] if env.dsn_orcpt else None
+        action = {"failure": "failed", "delay": "delayed", "success": "delivered"}[kind]
+        status = outcome.status
+        if kind == "delay" and not status.startswith("4"):
+            status = "4.0.0"
+        message = bounce.make_dsn(
+            kind=kind,  # type: ignore[arg-type]
+            reporting_mta=self.hostname,
+            sender=env.sender,
+            original=original,
+            recipients=[
+                bounce.RecipientStatus(
+                    final_recipient=env.rcpt,
+                    original_recipient=orcpt,
+                    action=action,  # type: ignore[arg-type]
+                    status=status,
+                    diagnostic=f"x-local; {outcome.text}" if not outcome.ok else None,
+                    remote_mta=None,
+                    last_attempt=env.last_try,
+                    will_retry_until=env.expire if kind == "delay" else None,
+                )
+            ],
+            arrival_date=env.ctime,
+            ret="FULL" if env.dsn_ret == "FULL" and kind != "delay" else "HDRS",
+            envid=env.dsn_envid or None,
+        )
+        try:
+            await self.submit_bounce(env.sender, message)
+            self.stats[f"bounce.{kind}"] += 1
+            log.event(
+                format_id(env.evpid),
+                "bounce",
+                kind,
+                to=f"<{env.sender}>",
+                rcpt=f"<{env.rcpt}>",
+                stat=status,
+            )
+        except Exception as exc:
+            log.event(
+                format_id(env.evpid),
+                "bounce",
+                "dropped",
+                to=f"<{env.sender}>",
+                error=log.sanitize(str(exc)),
+            )

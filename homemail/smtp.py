@@ -1,0 +1,596 @@
+"""Inbound SMTP: the session state machine on top of aiosmtpd, and the listeners.
+
+aiosmtpd owns the wire: reading commands, DATA with its CR LF . CR LF terminator (a bare LF or CR
+never ends the message, so SMTP smuggling fails), timeouts, and later STARTTLS.  This module
+owns what a mail server decides: the EHLO set, parsing MAIL and RCPT with their ESMTP
+parameters, address validation, rule matching, limits, the headers we add or drop, and handing
+the message to the queue.  A 250 after DATA means the queue has it on disk.
+
+Every reply carries an enhanced status code (RFC 3463): replies written here have one, and
+:meth:`Session.push` adds the right one to aiosmtpd's own replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as WireEnvelope
+
+from homemail import log
+from homemail.address import AddressError, parse_path
+from homemail.config import Listener
+from homemail.queue import Envelope, QueueError, format_id, new_evpid, new_msgid
+from homemail.ruleset import Rejected, Ruleset, Source, Target, source_for
+
+IDENT = "ESMTP homemail"
+MAX_RECEIVED = 100
+_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_DEFAULT_STATUS = {
+    "211": "2.0.0",
+    "214": "2.0.0",
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "251": "2.1.5",
+    "252": "2.5.0",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "534": "5.7.9",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "550": "5.1.1",
+    "551": "5.1.6",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.3.0",
+    "555": "5.5.4",
+}
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+$")
+
+
+def with_enhanced_code(reply: str) -> str:
+    """Give a single-line reply an RFC 3463 code if it lacks one (not 220/354 or multi-line)."""
+    code = reply[:3]
+    if len(reply) < 3 or reply[3:4] == "-" or _ENHANCED.match(reply) or code in ("220", "354"):
+        return reply
+    status = _DEFAULT_STATUS.get(code)
+    if status is None:
+        status = f"{code[0]}.0.0" if code[0] in "245" else ""
+    if not status:
+        return reply
+    text = reply[4:] if len(reply) > 3 else ""
+    return f"{code} {status} {text}".rstrip()
+
+
+def xtext_decode(value: str) -> str:
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+@dataclass
+class Recipient:
+    rcpt: str
+    targets: list[Target]
+    notify: list[str] = field(default_factory=list)
+    orcpt: str = ""
+
+
+@dataclass
+class Transaction:
+    sender: str = ""
+    smtputf8: bool = False
+    body: str = "7BIT"
+    ret: str = ""
+    envid: str = ""
+    recipients: list[Recipient] = field(default_factory=list)
+
+
+class ServerContext:
+    """What every session of the daemon shares: set by the daemon, replaced on reload."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        ruleset: Ruleset,
+        max_message_size: int,
+        max_mails: int,
+        max_rcpt: int,
+        queue_ttl: int,
+        enqueue: Callable[[bytes, list[Envelope]], Awaitable[None]],
+    ) -> None:
+        self.hostname = hostname
+        self.ruleset = ruleset
+        self.max_message_size = max_message_size
+        self.max_mails = max_mails
+        self.max_rcpt = max_rcpt
+        self.queue_ttl = queue_ttl
+        self.enqueue = enqueue
+        self.paused = False
+        self.sessions = 0
+
+
+class Session(SMTP):
+    """One SMTP connection."""
+
+    def __init__(self, ctx: ServerContext, listener: Listener) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.sid = secrets.token_hex(8)
+        self.txn: Transaction | None = None
+        self.mails = 0
+        self.source = Source("remote", "")
+        self._raw_reply = False
+        super().__init__(
+            _Hooks(self),
+            data_size_limit=ctx.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=listener.hostname or ctx.hostname,
+            ident=IDENT,
+            timeout=300,
+            command_call_limit=None,
+        )
+
+    # -- connection --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            peer = transport.get_extra_info("peername")
+            address = peer[0] if isinstance(peer, tuple) else ""
+            self.source = source_for(address, self.listener.tag)
+            self.ctx.sessions += 1
+            log.event(
+                self.sid,
+                "smtp",
+                "connected",
+                address=address or "local",
+                listener=self.listener.address,
+            )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.ctx.sessions -= 1
+        log.event(self.sid, "smtp", "disconnected", reason="quit" if error is None else "error")
+        super().connection_lost(error)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not self._raw_reply:
+            status = with_enhanced_code(status)
+        await super().push(status)
+
+    async def reply_lines(self, lines: list[str]) -> None:
+        self._raw_reply = True
+        try:
+            for line in lines:
+                await super().push(line)
+        finally:
+            self._raw_reply = False
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        assert self.session is not None
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.txn = None
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        self.command_size_limits["MAIL"] = 512 + 26 + 10 + 20 + 300
+        self.command_size_limits["RCPT"] = 512 + 200
+        lines = [
+            self.hostname + " greets " + hostname,
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            f"SIZE {self.ctx.max_message_size}",
+            "DSN",
+            "PIPELINING",
+            "SMTPUTF8",
+            "HELP",
+        ]
+        await self.reply_lines([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        assert self.session is not None
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.txn = None
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        await self.push(f"250 {self.hostname} Hello {hostname}")
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.txn = None
+        await self.push("250 2.0.0 Reset state")
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        await self.push("502 5.5.1 EXPN not supported")
+
+    def _params(self, words: list[str]) -> dict[str, str] | None:
+        params: dict[str, str] = {}
+        for word in words:
+            key, eq, value = word.partition("=")
+            key = key.upper()
+            if not key.isalnum() or not key.isascii() or (eq and not value) or key in params:
+                return None
+            params[key] = value if eq else ""
+        return params
+
+    @staticmethod
+    def _split_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:
+        if arg[: len(keyword)].upper() != keyword:
+            return None
+        rest = arg[len(keyword) :].lstrip()
+        if not rest.startswith("<"):
+            return None
+        end = rest.find(">")
+        if end < 0:
+            return None
+        return rest[: end + 1], rest[end + 1 :].split()
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None
+        if self.txn is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        if self.ctx.paused:
+            await self.push("421 4.3.2 Service temporarily unavailable, try again later")
+            return
+        if self.mails >= self.ctx.max_mails:
+            await self.push("452 4.5.3 Too many messages for this session")
+            return
+        parsed = self._split_path(arg or "", "FROM:")
+        if parsed is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
+            return
+        path, words = parsed
+        if words and not self.session.extended_smtp:
+            await self.push("501 5.5.4 Parameters need EHLO")
+            return
+        params = self._params(words)
+        if params is None:
+            await self.push("501 5.5.4 Malformed MAIL parameters")
+            return
+        txn = Transaction()
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit() or len(value) > 20:
+                    await self.push("501 5.5.4 Malformed SIZE parameter")
+                    return
+                if int(value) > self.ctx.max_message_size:
+                    await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+                    return
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    await self.push("501 5.5.4 BODY must be 7BIT or 8BITMIME")
+                    return
+                txn.body = value.upper()
+            elif key == "SMTPUTF8":
+                if value:
+                    await self.push("501 5.5.4 SMTPUTF8 takes no value")
+                    return
+                txn.smtputf8 = True
+            elif key == "RET":
+                if value.upper() not in ("FULL", "HDRS"):
+                    await self.push("501 5.5.4 RET must be FULL or HDRS")
+                    return
+                txn.ret = value.upper()
+            elif key == "ENVID":
+                if not _XTEXT.match(value) or len(value) > 100:
+                    await self.push("501 5.5.4 Malformed ENVID parameter")
+                    return
+                txn.envid = xtext_decode(value)
+            elif key == "AUTH":
+                continue  # RFC 4954: accepted and ignored from an unauthenticated client
+            else:
+                await self.push(f"555 5.5.4 Unsupported MAIL parameter {key}")
+                return
+        try:
+            sender = parse_path(path, null_ok=True, utf8=True)
+        except AddressError as exc:
+            await self.push(f"553 5.1.7 Sender address rejected: {exc}")
+            return
+        if sender is not None and not sender.is_ascii and not txn.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+            return
+        txn.sender = str(sender) if sender is not None else ""
+        self.txn = txn
+        assert self.envelope is not None
+        self.envelope.mail_from = txn.sender or "<>"
+        await self.push("250 2.1.0 Ok")
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None and self.envelope is not None
+        txn = self.txn
+        if txn is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        parsed = self._split_path(arg or "", "TO:")
+        if parsed is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address> [parameters]")
+            return
+        path, words = parsed
+        if words and not self.session.extended_smtp:
+            await self.push("501 5.5.4 Parameters need EHLO")
+            return
+        params = self._params(words)
+        if params is None:
+            await self.push("501 5.5.4 Malformed RCPT parameters")
+            return
+        rcpt = Recipient(rcpt="", targets=[])
+        for key, value in params.items():
+            if key == "NOTIFY":
+                items = value.upper().split(",")
+                valid = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+                if not value or not set(items) <= valid or ("NEVER" in items and len(items) > 1):
+                    await self.push("501 5.5.4 Malformed NOTIFY parameter")
+                    return
+                rcpt.notify = items
+            elif key == "ORCPT":
+                kind, semi, addr = value.partition(";")
+                if not semi or not kind or not _XTEXT.match(addr or "-") or len(value) > 500:
+                    await self.push("501 5.5.4 Malformed ORCPT parameter")
+                    return
+                rcpt.orcpt = f"{kind.lower()};{xtext_decode(addr)}"
+            else:
+                await self.push(f"555 5.5.4 Unsupported RCPT parameter {key}")
+                return
+        if len(txn.recipients) >= self.ctx.max_rcpt:
+            await self.push("452 4.5.3 Too many recipients")
+            return
+        try:
+            address = parse_path(path, null_ok=False, utf8=True, allow_bare_postmaster=True)
+        except AddressError as exc:
+            await self.push(f"553 5.1.3 Recipient address rejected: {exc}")
+            return
+        assert address is not None
+        if not address.is_ascii and not txn.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+            return
+        try:
+            rcpt.targets = self.ctx.ruleset.route(self.source, address)
+        except Rejected as exc:
+            log.event(
+                self.sid,
+                "smtp",
+                "failed-command",
+                command="RCPT",
+                rcpt=f"<{address}>",
+                result=exc.reply,
+            )
+            await self.push(exc.reply)
+            return
+        rcpt.rcpt = str(address)
+        txn.recipients.append(rcpt)
+        self.envelope.rcpt_tos.append(rcpt.rcpt)
+        await self.push("250 2.1.5 Recipient ok")
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if self.txn is not None and not self.txn.recipients:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if self.txn is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        await super().smtp_DATA(arg)
+        if self.envelope is not None and not self.envelope.mail_from:
+            self.txn = None  # aiosmtpd reset the envelope: the transaction is over
+
+    # -- the message -------------------------------------------------------------------------
+
+    async def accept(self, content: bytes) -> str:
+        txn = self.txn
+        self.txn = None
+        assert txn is not None and self.session is not None
+        head_end = _header_end(content)
+        headers, body = content[:head_end], content[head_end:]
+        if _count_header(headers, b"received") >= MAX_RECEIVED:
+            log.event(self.sid, "smtp", "message-refused", reason="routing loop")
+            return "554 5.4.6 Too many hops, routing loop detected"
+        headers = _drop_header(headers, b"bcc")
+        msgid = new_msgid()
+        now = time.time()
+        added = []
+        if self.source.kind in ("local", "socket"):
+            if not _has_header(headers, b"message-id"):
+                token = secrets.token_hex(8)
+                added.append(f"Message-ID: <{token}.{format_id(msgid)}@{self.hostname}>")
+            if not _has_header(headers, b"date"):
+                added.append(f"Date: {formatdate(now, localtime=True)}")
+        received = self._received(txn, msgid, now)
+        message = (
+            received.encode("utf-8", "surrogateescape")
+            + headers
+            + "".join(f"{h}\r\n" for h in added).encode()
+            + body
+        )
+        envelopes = self._envelopes(txn, msgid, now)
+        try:
+            await self.ctx.enqueue(message, envelopes)
+        except QueueError as exc:
+            log.event(self.sid, "smtp", "message-failed", msgid=format_id(msgid), error=str(exc))
+            return "451 4.3.0 Temporary failure: the queue could not store the message"
+        self.mails += 1
+        log.event(
+            self.sid,
+            "smtp",
+            "message",
+            msgid=format_id(msgid),
+            size=len(message),
+            nrcpt=len(txn.recipients),
+            proto="ESMTP" if self.session.extended_smtp else "SMTP",
+        )
+        for env in envelopes:
+            log.event(
+                self.sid,
+                "smtp",
+                "envelope",
+                evpid=format_id(env.evpid),
+                from_=f"<{env.sender}>",
+                to=f"<{env.rcpt}>",
+                dest=env.dest,
+            )
+        return f"250 2.0.0 {format_id(msgid)} Message accepted for delivery"
+
+    def _received(self, txn: Transaction, msgid: int, now: float) -> str:
+        assert self.session is not None
+        proto = "ESMTP" if self.session.extended_smtp else "SMTP"
+        if txn.smtputf8:
+            proto = "UTF8" + proto
+        parts = ["Received: "]
+        if not self.listener.mask_src:
+            helo = log.sanitize(self.session.host_name or "unknown", 255).replace(" ", "")
+            addr = self.source.address or "local"
+            literal = f"IPv6:{addr}" if ":" in addr else addr
+            parts.append(f"from {helo} ([{literal}])\r\n\t")
+        parts.append(f"by {self.hostname} (homemail) with {proto} id {format_id(msgid)}")
+        if len(txn.recipients) == 1:
+            parts.append(f"\r\n\tfor <{txn.recipients[0].rcpt}>")
+        parts.append(f";\r\n\t{formatdate(now, localtime=True)}\r\n")
+        return "".join(parts)
+
+    def _envelopes(self, txn: Transaction, msgid: int, now: float) -> list[Envelope]:
+        seen: set[tuple[str, str]] = set()
+        envelopes = []
+        for rcpt in txn.recipients:
+            for target in rcpt.targets:
+                if (target.action, target.dest) in seen:
+                    continue
+                seen.add((target.action, target.dest))
+                envelopes.append(
+                    Envelope(
+                        evpid=new_evpid(msgid),
+                        sender=txn.sender,
+                        rcpt=rcpt.rcpt,
+                        dest=target.dest,
+                        user=target.user,
+                        action=target.action,
+                        ctime=now,
+                        expire=now + self.ctx.queue_ttl,
+                        next_try=now,
+                        smtputf8=txn.smtputf8,
+                        body=txn.body,
+                        dsn_notify=rcpt.notify,
+                        dsn_orcpt=rcpt.orcpt,
+                        dsn_ret=txn.ret,
+                        dsn_envid=txn.envid,
+                        src=self.source.address or "local",
+                        helo=(self.session.host_name if self.session else "") or "",
+                    )
+                )
+        return envelopes
+
+
+class _Hooks:
+    """The aiosmtpd handler: only DATA is left to the hook interface."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: WireEnvelope) -> str:
+        content = envelope.original_content or b""
+        return await self.session.accept(content)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.event(self.session.sid, "smtp", "error", error=f"{type(error).__name__}: {error}")
+        return "451 4.3.0 Internal error, try again later"
+
+
+def _header_end(content: bytes) -> int:
+    """Offset just past the empty line that ends the header section (len(content) if none)."""
+    if content.startswith(b"\r\n"):
+        return 0
+    end = content.find(b"\r\n\r\n")
+    return len(content) if end < 0 else end + 2
+
+
+def _header_lines(headers: bytes) -> list[bytes]:
+    """Split a header section (CRLF lines) into fields, each with its continuation lines."""
+    fields: list[bytes] = []
+    for line in (
+        headers.split(b"\r\n")[:-1] if headers.endswith(b"\r\n") else headers.split(b"\r\n")
+    ):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        else:
+            fields.append(line)
+    return fields
+
+
+def _name_of(field_: bytes) -> bytes:
+    name, colon, _ = field_.partition(b":")
+    return name.strip().lower() if colon else b""
+
+
+def _count_header(headers: bytes, name: bytes) -> int:
+    return sum(1 for f in _header_lines(headers) if _name_of(f) == name)
+
+
+def _has_header(headers: bytes, name: bytes) -> bool:
+    return _count_header(headers, name) > 0
+
+
+def _drop_header(headers: bytes, name: bytes) -> bytes:
+    if name not in headers.lower():
+        return headers
+    kept = [f for f in _header_lines(headers) if _name_of(f) != name]
+    return b"".join(f + b"\r\n" for f in kept)
+
+
+class SmtpServer:
+    """The listening sockets."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.servers: list[asyncio.AbstractServer] = []
+
+    async def listen(self, listener: Listener, hosts: list[str], port: int) -> None:
+        loop = asyncio.get_running_loop()
+        for host in hosts:
+            server = await loop.create_server(
+                lambda: Session(self.ctx, listener),
+                host=host,
+                port=port,
+                backlog=1024,
+                reuse_address=True,
+            )
+            self.servers.append(server)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
