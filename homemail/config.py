@@ -50,6 +50,7 @@ from typing import Literal
 from homemail.table import Table, TableError, read_regular_file
 
 __all__ = [
+    "KEYWORDS",
     "Action",
     "Config",
     "ConfigError",
@@ -88,6 +89,18 @@ def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _printable(text: str) -> str:
+    """Escape what a terminal should not receive raw (controls, surrogates, bidi marks)."""
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 class ConfigError(Exception):
     """A configuration that cannot be used; ``str()`` is the message a user sees."""
 
@@ -109,8 +122,9 @@ class ConfigError(Exception):
         text = f"{where}error: {self.message}"
         if self.token is not None:
             text += f" near '{_shorten(self.token)}'"
+        text = _printable(text)
         if self.hint:
-            text += f"\n  hint: {self.hint}"
+            text += f"\n  hint: {_printable(self.hint)}"
         return text
 
 
@@ -120,7 +134,7 @@ class ConfigWarning:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.location}: warning: {self.message}"
+        return _printable(f"{self.location}: warning: {self.message}")
 
 
 @dataclass
@@ -319,6 +333,8 @@ _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 def _suggest(word: str, candidates: tuple[str, ...] | list[str]) -> str | None:
     found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    if not found and len(word) >= 3:
+        found = [c for c in candidates if c.startswith(word)][:1]
     if not found and word.lower() != word:
         found = difflib.get_close_matches(word.lower(), list(candidates), n=1, cutoff=0.6)
     return f"did you mean '{found[0]}'?" if found else None

@@ -57,9 +57,11 @@ class TableError(Exception):
         self.message = message
 
     def __str__(self) -> str:
-        if self.line is None:
-            return f"{self.path}: {self.message}"
-        return f"{self.path}:{self.line}: {self.message}"
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return "".join(
+            char if char.isprintable() else f"\\u{ord(char):04x}"
+            for char in f"{where}: {self.message}"
+        )
 
 
 def read_regular_file(path: str, limit: int) -> bytes:

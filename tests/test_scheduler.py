@@ -1,0 +1,170 @@
+"""The scheduler with the in-memory queue: retries, expiry, DSNs, pause."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import time
+
+from homemail.mda import DeliveryError
+from homemail.queue import Envelope, new_evpid, new_msgid
+from homemail.queue_ram import RamQueue
+from homemail.scheduler import Scheduler
+
+MESSAGE = b"From: alice@example.org\r\nSubject: test\r\n\r\nbody\r\n"
+
+
+def envelope(*, sender: str = "alice@localhost", ttl: float = 3600, **kw: object) -> Envelope:
+    msgid = new_msgid()
+    now = time.time()
+    env = Envelope(evpid=new_evpid(msgid), sender=sender, rcpt="bob@localhost",
+                   dest="bob@localhost", user="bob", action="local", ctime=now,
+                   expire=now + ttl, next_try=now)
+    for k, v in kw.items():
+        setattr(env, k, v)
+    return env
+
+
+class Harness:
+    def __init__(self, outcomes: list[DeliveryError | None], **kw: object) -> None:
+        self.queue = RamQueue()
+        self.outcomes = outcomes
+        self.attempts: list[float] = []
+        self.bounces: list[tuple[str, bytes]] = []
+        self.sched = Scheduler(self.queue, self.deliver, self.bounce, hostname="mx.test",
+                               warn_intervals=[3600], **kw)  # type: ignore[arg-type]
+
+    async def deliver(self, env: Envelope) -> None:
+        self.attempts.append(time.time())
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome is not None:
+            raise outcome
+
+    async def bounce(self, rcpt: str, message: bytes) -> None:
+        self.bounces.append((rcpt, message))
+
+    async def add(self, env: Envelope) -> None:
+        await self.queue.commit(MESSAGE, [env])
+        self.sched.schedule([env])
+
+
+async def run_until(h: Harness, predicate, timeout: float = 5.0) -> None:
+    task = asyncio.create_task(h.sched.run())
+    deadline = time.time() + timeout
+    try:
+        while not predicate() and time.time() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        await h.sched.stop()
+        task.cancel()
+    assert predicate()
+
+
+async def test_success_removes_envelope():
+    h = Harness([None])
+    env = envelope()
+    await h.add(env)
+    await run_until(h, lambda: not h.queue.envelopes)
+    assert h.sched.stats["scheduler.delivery.ok"] == 1
+    assert h.bounces == []
+
+
+async def test_tempfail_retries_on_n_squared_schedule():
+    h = Harness([DeliveryError("busy", permanent=False, status="4.2.0")] * 2, retry_base=0.2)
+    env = envelope()
+    await h.add(env)
+    await run_until(h, lambda: len(h.attempts) == 3 and not h.queue.envelopes)
+    # attempt n+1 comes at creation + base * n^2: 0.2 s, then 0.8 s after creation
+    assert h.attempts[1] - env.ctime >= 0.2 - 0.02
+    assert h.attempts[2] - env.ctime >= 0.8 - 0.02
+    assert h.sched.stats["scheduler.delivery.tempfail"] == 2
+
+
+async def test_tempfail_state_is_stored():
+    h = Harness([DeliveryError("mailbox busy", permanent=False, status="4.2.0")],
+                retry_base=100)
+    env = envelope()
+    await h.add(env)
+    await run_until(h, lambda: h.queue.envelopes[env.evpid].retry == 1)
+    stored = h.queue.envelopes[env.evpid]
+    assert stored.last_error == "4.2.0 mailbox busy"
+    assert stored.next_try >= env.ctime + 100
+
+
+async def test_permfail_bounces_to_sender_with_real_status():
+    h = Harness([DeliveryError("mail loop", permanent=True, status="5.4.6")])
+    await h.add(envelope())
+    await run_until(h, lambda: bool(h.bounces) and not h.queue.envelopes)
+    rcpt, raw = h.bounces[0]
+    assert rcpt == "alice@localhost"
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Subject"] == "Delivery Status Notification (Failure)"
+    assert msg.get_content_type() == "multipart/report"
+    status = next(p for p in msg.walk() if p.get_content_type() == "message/delivery-status")
+    text = status.as_string()
+    assert "Status: 5.4.6" in text
+    assert "Action: failed" in text
+
+
+async def test_expiry_turns_tempfail_into_failure():
+    h = Harness([DeliveryError("busy", permanent=False, status="4.2.0")])
+    await h.add(envelope(ttl=-1))
+    await run_until(h, lambda: bool(h.bounces) and not h.queue.envelopes)
+    assert b"4.4.7" in h.bounces[0][1]
+
+
+async def test_bounce_is_never_bounced():
+    h = Harness([DeliveryError("gone", permanent=True, status="5.1.1")])
+    await h.add(envelope(sender="", bounce=True))
+    await run_until(h, lambda: not h.queue.envelopes)
+    assert h.bounces == []
+
+
+async def test_notify_never_and_success():
+    h = Harness([DeliveryError("gone", permanent=True, status="5.1.1"), None])
+    await h.add(envelope(dsn_notify=["NEVER"]))
+    await h.add(envelope(dsn_notify=["SUCCESS"]))
+    await run_until(h, lambda: not h.queue.envelopes and len(h.bounces) == 1)
+    assert b"Delivery Status Notification (Success)" in h.bounces[0][1]
+
+
+async def test_delay_warning_once_per_interval():
+    h = Harness([DeliveryError("busy", permanent=False, status="4.2.0")] * 3, retry_base=0.05)
+    h.sched.warn_intervals = [0.0]
+    await h.add(envelope())
+    await run_until(h, lambda: len(h.attempts) >= 4 and not h.queue.envelopes)
+    assert len(h.bounces) == 1
+    assert b"Delivery Status Notification (Delay)" in h.bounces[0][1]
+
+
+async def test_pause_holds_deliveries_and_schedule_now_releases():
+    h = Harness([], retry_base=100)
+    env = envelope()
+    env.paused = True
+    await h.add(env)
+    task = asyncio.create_task(h.sched.run())
+    await asyncio.sleep(0.2)
+    assert h.attempts == []
+    env.paused = False
+    assert h.sched.schedule_now(env.evpid) == 1
+    deadline = time.time() + 3
+    while h.queue.envelopes and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    await h.sched.stop()
+    task.cancel()
+    assert not h.queue.envelopes
+
+
+async def test_unexpected_exception_is_a_tempfail_not_a_loss():
+    h = Harness([], retry_base=100)
+
+    async def broken(env: Envelope) -> None:
+        raise RuntimeError("bug")
+
+    h.sched.deliver = broken
+    env = envelope()
+    await h.add(env)
+    await run_until(h, lambda: h.queue.envelopes.get(env.evpid) is not None
+                    and h.queue.envelopes[env.evpid].retry == 1)
+    assert "internal error" in h.queue.envelopes[env.evpid].last_error
