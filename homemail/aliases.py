@@ -5,19 +5,27 @@ name, another alias, or ``user@domain`` for a domain this server treats as local
 follows aliases recursively up to :data:`MAX_DEPTH` levels, tries ``user+tag`` before ``user``,
 and a name that an alias maps to itself ends the recursion as a user (``bob: bob, alice``).
 
+The second half edits an aliases file in place for ``homemailctl alias`` and the tray app:
+comments, blank lines and the order of entries are kept, targets are validated, and the new
+file is written to a temporary file, checked by the table parser and renamed over the old one.
+
 Which users exist depends on the mode: in user mode only the user running the daemon can receive
 mail; in system mode every account with a home directory except root does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import re
+import stat
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from homemail.address import AddressError, check_local_part, split_subaddress
-from homemail.table import Table
+from homemail.address import AddressError, check_local_part, parse_mailbox, split_subaddress
+from homemail.table import Table, TableError
 
 MAX_DEPTH = 10
 
@@ -137,3 +145,130 @@ def _expand(
                 found.setdefault(user.name, user)
             continue
         _expand(target, table, users, delim, is_local_domain, found, depth=depth + 1, seen=seen)
+
+
+# -- editing an aliases file in place (homemailctl alias …, the tray app) ---------------------
+
+
+class AliasEditError(Exception):
+    """An alias edit that cannot be made; ``code`` is a control-protocol error code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_alias_name(name: str) -> str:
+    try:
+        check_local_part(name)
+    except AddressError as exc:
+        raise AliasEditError(400, f"invalid alias name {name!r}: {exc}") from None
+    return name.lower()
+
+
+def check_alias_target(target: str) -> str:
+    """A target this release can deliver to: a user or alias name, or user@domain."""
+    try:
+        if "@" in target:
+            parse_mailbox(target)
+        else:
+            check_local_part(target)
+    except AddressError as exc:
+        raise AliasEditError(400, f"invalid alias target {target!r}: {exc}") from None
+    return target
+
+
+def _entry_spans(lines: list[str]) -> list[tuple[str, int, int]]:
+    """(lowercased name, first line, one past the last line) of each entry, in file order."""
+    spans: list[tuple[str, int, int]] = []
+    for i, line in enumerate(lines):
+        text = line.rstrip("\n")
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        if text[0] in " \t" and spans:
+            name, start, _ = spans[-1]
+            spans[-1] = (name, start, i + 1)
+            continue
+        key = re.split(r"[:\s]", text.strip(), maxsplit=1)[0]
+        spans.append((key.lower(), i, i + 1))
+    return spans
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AliasEditError(409, f"cannot read {path}: {exc}") from None
+
+
+def read_entries(path: str) -> list[tuple[str, list[str]]]:
+    try:
+        table = Table.from_file("aliases", path)
+    except TableError as exc:
+        raise AliasEditError(409, str(exc)) from None
+    return [(k, [t.strip() for t in v.split(",") if t.strip()]) for k, v in table.mapping.items()]
+
+
+def _write_lines(path: str, lines: list[str]) -> None:
+    text = "".join(lines)
+    directory = os.path.dirname(path) or "."
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    fd, tmp = tempfile.mkstemp(prefix=".aliases-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if st is not None:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            if os.geteuid() == 0:
+                os.chown(tmp, st.st_uid, st.st_gid)
+        else:
+            os.chmod(tmp, 0o644)
+        Table.from_file("aliases", tmp)  # never install a file the daemon could not read
+        os.rename(tmp, path)
+    except TableError as exc:
+        os.unlink(tmp)
+        raise AliasEditError(409, f"the edit would break the file: {exc}") from None
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise AliasEditError(409, f"cannot write {path}: {exc.strerror}") from None
+
+
+def add(path: str, name: str, targets: list[str]) -> None:
+    """Add an alias, or add targets to an existing one, keeping comments and order."""
+    key = check_alias_name(name)
+    new = [check_alias_target(t) for t in targets]
+    if not new:
+        raise AliasEditError(400, "an alias needs at least one target")
+    lines = _read_lines(path)
+    for entry, start, end in _entry_spans(lines):
+        if entry != key:
+            continue
+        current = dict(read_entries(path)).get(key, [])
+        merged = current + [t for t in new if t.lower() not in {c.lower() for c in current}]
+        lines[start:end] = [f"{key}: {', '.join(merged)}\n"]
+        _write_lines(path, lines)
+        return
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    lines.append(f"{key}: {', '.join(new)}\n")
+    _write_lines(path, lines)
+
+
+def remove(path: str, name: str) -> None:
+    key = name.lower()
+    lines = _read_lines(path)
+    for entry, start, end in _entry_spans(lines):
+        if entry == key:
+            del lines[start:end]
+            _write_lines(path, lines)
+            return
+    raise AliasEditError(404, f"no alias {name!r}")

@@ -1448,15 +1448,35 @@ def _size_text(size: int) -> str:
     return str(size)
 
 
-def default_config_text(user: str) -> str:
-    """The configuration homemail uses in user mode when there is no file."""
+DEFAULT_ALIASES = ("postmaster", "root", "abuse", "mailer-daemon")
+
+
+def default_aliases_text(user: str) -> str:
+    """The aliases file user mode creates on first start: the usual role names to the user."""
+    lines = ["# aliases(5): name: target, target  (homemailctl alias add|remove edits this)"]
+    lines += [f"{name}: {user}" for name in DEFAULT_ALIASES]
+    return "\n".join(lines) + "\n"
+
+
+def default_config_text(user: str, aliases_path: str | None = None) -> str:
+    """The configuration homemail uses in user mode when there is no file.
+
+    With ``aliases_path`` the aliases live in that file (see :func:`default_aliases_text`),
+    otherwise in an inline table.
+    """
     if not user:
         raise ValueError("empty user name")
     if any(_is_control(char) for char in user):
         raise ValueError("control character in user name")
     q = _quote(user)
-    return (
-        f'table aliases {{ postmaster = {q}, root = {q}, abuse = {q}, "mailer-daemon" = {q} }}\n'
+    if aliases_path is not None:
+        table = f"table aliases {_quote('file:' + aliases_path)}\n"
+    else:
+        table = (
+            f'table aliases {{ postmaster = {q}, root = {q}, abuse = {q}, '
+            f'"mailer-daemon" = {q} }}\n'
+        )
+    return table + (
         "listen on localhost port 2525\n"
         'action "local" maildir alias <aliases>\n'
         'match from local for local action "local"\n'

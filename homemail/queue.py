@@ -74,7 +74,9 @@ class Envelope:
     dsn_orcpt: str = ""
     dsn_ret: str = ""
     dsn_envid: str = ""
+    uid: int = -1  # local submitter (sendmail), or -1 for mail that came over the network
     src: str = ""  # where the message came from, for logs
+    offline: str = ""  # name of the offline spool file it was picked up from
     helo: str = ""
     recovered: bool = False  # loaded from disk at start; not stored
 

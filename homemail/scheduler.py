@@ -64,6 +64,7 @@ class Scheduler:
         self._slots = asyncio.Semaphore(parallel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self.notify: Callable[[str, dict[str, object]], None] = lambda name, data: None
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -148,6 +149,9 @@ class Scheduler:
             stat=f"{outcome.status} {outcome.text}",
         )
         env.last_try = now
+        self.notify("delivery", {"evpid": format_id(env.evpid), "rcpt": env.rcpt,
+                                 "dest": env.dest, "user": env.user, "result": result,
+                                 "status": outcome.status, "text": outcome.text})
         if outcome.ok:
             self.stats["scheduler.delivery.ok"] += 1
             if "SUCCESS" in env.dsn_notify:
@@ -240,6 +244,8 @@ class Scheduler:
         try:
             await self.submit_bounce(env.sender, message)
             self.stats[f"bounce.{kind}"] += 1
+            self.notify("bounce", {"kind": kind, "evpid": format_id(env.evpid),
+                                   "sender": env.sender, "rcpt": env.rcpt, "user": env.user})
             log.event(
                 format_id(env.evpid),
                 "bounce",

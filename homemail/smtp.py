@@ -32,6 +32,7 @@ from homemail.ruleset import Rejected, Ruleset, Source, Target, source_for
 
 IDENT = "ESMTP homemail"
 MAX_RECEIVED = 100
+MAX_LINE = 1000  # octets, CR LF included (RFC 5321 4.5.3.1.6)
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_STATUS = {
     "211": "2.0.0",
@@ -123,18 +124,29 @@ class ServerContext:
         self.enqueue = enqueue
         self.paused = False
         self.sessions = 0
+        self.total_sessions = 0
+        self.notify: Callable[[str, dict[str, Any]], None] = lambda name, data: None
 
 
 class Session(SMTP):
     """One SMTP connection."""
 
-    def __init__(self, ctx: ServerContext, listener: Listener) -> None:
+    def __init__(
+        self,
+        ctx: ServerContext,
+        listener: Listener,
+        *,
+        source: Source | None = None,
+        uid: int = -1,
+    ) -> None:
         self.ctx = ctx
         self.listener = listener
         self.sid = secrets.token_hex(8)
         self.txn: Transaction | None = None
         self.mails = 0
-        self.source = Source("remote", "")
+        self.fixed_source = source
+        self.source = source or Source("remote", "")
+        self.uid = uid
         self._raw_reply = False
         super().__init__(
             _Hooks(self),
@@ -152,16 +164,19 @@ class Session(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
-            peer = transport.get_extra_info("peername")
-            address = peer[0] if isinstance(peer, tuple) else ""
-            self.source = source_for(address, self.listener.tag)
+            if self.fixed_source is None:
+                peer = transport.get_extra_info("peername")
+                address = peer[0] if isinstance(peer, tuple) else ""
+                self.source = source_for(address, self.listener.tag)
             self.ctx.sessions += 1
+            self.ctx.total_sessions += 1
             log.event(
                 self.sid,
                 "smtp",
                 "connected",
-                address=address or "local",
+                address=self.source.address or "local",
                 listener=self.listener.address,
+                **({"uid": self.uid} if self.uid >= 0 else {}),
             )
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -412,103 +427,155 @@ class Session(SMTP):
         txn = self.txn
         self.txn = None
         assert txn is not None and self.session is not None
-        head_end = _header_end(content)
-        headers, body = content[:head_end], content[head_end:]
-        if _count_header(headers, b"received") >= MAX_RECEIVED:
-            log.event(self.sid, "smtp", "message-refused", reason="routing loop")
-            return "554 5.4.6 Too many hops, routing loop detected"
-        headers = _drop_header(headers, b"bcc")
         msgid = new_msgid()
         now = time.time()
-        added = []
-        if self.source.kind in ("local", "socket"):
-            if not _has_header(headers, b"message-id"):
-                token = secrets.token_hex(8)
-                added.append(f"Message-ID: <{token}.{format_id(msgid)}@{self.hostname}>")
-            if not _has_header(headers, b"date"):
-                added.append(f"Date: {formatdate(now, localtime=True)}")
-        received = self._received(txn, msgid, now)
-        message = (
-            received.encode("utf-8", "surrogateescape")
-            + headers
-            + "".join(f"{h}\r\n" for h in added).encode()
-            + body
+        proto = "ESMTP" if self.session.extended_smtp else "SMTP"
+        if self.source.kind == "socket":
+            origin = f"local (uid {self.uid})"
+        elif self.listener.mask_src:
+            origin = None
+        else:
+            helo = log.sanitize(self.session.host_name or "unknown", 255).replace(" ", "")
+            addr = self.source.address or "local"
+            origin = f"{helo} ([{'IPv6:' + addr if ':' in addr else addr}])"
+        try:
+            message = build_message(
+                content,
+                origin=origin,
+                hostname=self.hostname,
+                proto=("UTF8" + proto) if txn.smtputf8 else proto,
+                msgid=msgid,
+                now=now,
+                single_rcpt=txn.recipients[0].rcpt if len(txn.recipients) == 1 else None,
+                add_ids=self.source.kind in ("local", "socket"),
+            )
+        except MessageRefused as exc:
+            log.event(self.sid, "smtp", "message-refused", reason=exc.reason)
+            return exc.reply
+        envelopes = make_envelopes(
+            txn,
+            msgid,
+            now=now,
+            ttl=self.ctx.queue_ttl,
+            uid=self.uid,
+            src=self.source.address or "local",
+            helo=self.session.host_name or "",
         )
-        envelopes = self._envelopes(txn, msgid, now)
         try:
             await self.ctx.enqueue(message, envelopes)
         except QueueError as exc:
             log.event(self.sid, "smtp", "message-failed", msgid=format_id(msgid), error=str(exc))
             return "451 4.3.0 Temporary failure: the queue could not store the message"
         self.mails += 1
-        log.event(
-            self.sid,
-            "smtp",
-            "message",
-            msgid=format_id(msgid),
-            size=len(message),
-            nrcpt=len(txn.recipients),
-            proto="ESMTP" if self.session.extended_smtp else "SMTP",
-        )
-        for env in envelopes:
-            log.event(
-                self.sid,
-                "smtp",
-                "envelope",
-                evpid=format_id(env.evpid),
-                from_=f"<{env.sender}>",
-                to=f"<{env.rcpt}>",
-                dest=env.dest,
-            )
+        log_accepted(self.ctx, self.sid, msgid, message, txn, envelopes, proto, self.uid)
         return f"250 2.0.0 {format_id(msgid)} Message accepted for delivery"
 
-    def _received(self, txn: Transaction, msgid: int, now: float) -> str:
-        assert self.session is not None
-        proto = "ESMTP" if self.session.extended_smtp else "SMTP"
-        if txn.smtputf8:
-            proto = "UTF8" + proto
-        parts = ["Received: "]
-        if not self.listener.mask_src:
-            helo = log.sanitize(self.session.host_name or "unknown", 255).replace(" ", "")
-            addr = self.source.address or "local"
-            literal = f"IPv6:{addr}" if ":" in addr else addr
-            parts.append(f"from {helo} ([{literal}])\r\n\t")
-        parts.append(f"by {self.hostname} (homemail) with {proto} id {format_id(msgid)}")
-        if len(txn.recipients) == 1:
-            parts.append(f"\r\n\tfor <{txn.recipients[0].rcpt}>")
-        parts.append(f";\r\n\t{formatdate(now, localtime=True)}\r\n")
-        return "".join(parts)
 
-    def _envelopes(self, txn: Transaction, msgid: int, now: float) -> list[Envelope]:
-        seen: set[tuple[str, str]] = set()
-        envelopes = []
-        for rcpt in txn.recipients:
-            for target in rcpt.targets:
-                if (target.action, target.dest) in seen:
-                    continue
-                seen.add((target.action, target.dest))
-                envelopes.append(
-                    Envelope(
-                        evpid=new_evpid(msgid),
-                        sender=txn.sender,
-                        rcpt=rcpt.rcpt,
-                        dest=target.dest,
-                        user=target.user,
-                        action=target.action,
-                        ctime=now,
-                        expire=now + self.ctx.queue_ttl,
-                        next_try=now,
-                        smtputf8=txn.smtputf8,
-                        body=txn.body,
-                        dsn_notify=rcpt.notify,
-                        dsn_orcpt=rcpt.orcpt,
-                        dsn_ret=txn.ret,
-                        dsn_envid=txn.envid,
-                        src=self.source.address or "local",
-                        helo=(self.session.host_name if self.session else "") or "",
-                    )
+class MessageRefused(Exception):
+    def __init__(self, reply: str, reason: str) -> None:
+        super().__init__(reply)
+        self.reply, self.reason = reply, reason
+
+
+def build_message(
+    content: bytes,
+    *,
+    origin: str | None,
+    hostname: str,
+    proto: str,
+    msgid: int,
+    now: float,
+    single_rcpt: str | None,
+    add_ids: bool,
+) -> bytes:
+    """Check a received message and add our headers; raises MessageRefused.
+
+    Refuses lines over 1000 octets and 100 or more ``Received:`` headers; drops ``Bcc:``; adds
+    ``Message-ID:`` and ``Date:`` when missing on local submissions; prepends ``Received:``.
+    """
+    if len(content) > MAX_LINE and _longest_line(content) > MAX_LINE:
+        raise MessageRefused(
+            "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6 allows 1000 octets)", "line too long"
+        )
+    head_end = _header_end(content)
+    headers, body = content[:head_end], content[head_end:]
+    if _count_header(headers, b"received") >= MAX_RECEIVED:
+        raise MessageRefused("554 5.4.6 Too many hops, routing loop detected", "routing loop")
+    headers = _drop_header(headers, b"bcc")
+    added = []
+    if add_ids:
+        if not _has_header(headers, b"message-id"):
+            token = secrets.token_hex(8)
+            added.append(f"Message-ID: <{token}.{format_id(msgid)}@{hostname}>\r\n")
+        if not _has_header(headers, b"date"):
+            added.append(f"Date: {formatdate(now, localtime=True)}\r\n")
+    parts = ["Received: "]
+    if origin is not None:
+        parts.append(f"from {origin}\r\n\t")
+    parts.append(f"by {hostname} (homemail) with {proto} id {format_id(msgid)}")
+    if single_rcpt is not None:
+        parts.append(f"\r\n\tfor <{single_rcpt}>")
+    parts.append(f";\r\n\t{formatdate(now, localtime=True)}\r\n")
+    received = "".join(parts).encode("utf-8", "surrogateescape")
+    return received + headers + "".join(added).encode() + body
+
+
+def make_envelopes(
+    txn: Transaction, msgid: int, *, now: float, ttl: int, uid: int, src: str, helo: str
+) -> list[Envelope]:
+    """One envelope per distinct (action, destination) among the transaction's recipients."""
+    seen: set[tuple[str, str]] = set()
+    envelopes = []
+    for rcpt in txn.recipients:
+        for target in rcpt.targets:
+            if (target.action, target.dest) in seen:
+                continue
+            seen.add((target.action, target.dest))
+            envelopes.append(
+                Envelope(
+                    evpid=new_evpid(msgid),
+                    sender=txn.sender,
+                    rcpt=rcpt.rcpt,
+                    dest=target.dest,
+                    user=target.user,
+                    action=target.action,
+                    ctime=now,
+                    expire=now + ttl,
+                    next_try=now,
+                    smtputf8=txn.smtputf8,
+                    body=txn.body,
+                    dsn_notify=rcpt.notify,
+                    dsn_orcpt=rcpt.orcpt,
+                    dsn_ret=txn.ret,
+                    dsn_envid=txn.envid,
+                    uid=uid,
+                    src=src,
+                    helo=helo,
                 )
-        return envelopes
+            )
+    return envelopes
+
+
+def log_accepted(
+    ctx: ServerContext,
+    sid: str,
+    msgid: int,
+    message: bytes,
+    txn: Transaction,
+    envelopes: list[Envelope],
+    proto: str,
+    uid: int,
+) -> None:
+    log.event(sid, "smtp", "message", msgid=format_id(msgid), size=len(message),
+              nrcpt=len(txn.recipients), proto=proto)
+    for env in envelopes:
+        log.event(sid, "smtp", "envelope", evpid=format_id(env.evpid), from_=f"<{env.sender}>",
+                  to=f"<{env.rcpt}>", dest=env.dest)
+    event: dict[str, Any] = {"msgid": format_id(msgid), "sender": txn.sender,
+                             "size": len(message), "nrcpt": len(txn.recipients)}
+    if uid >= 0:
+        event["uid"] = uid
+    ctx.notify("received", event)
 
 
 class _Hooks:
@@ -524,6 +591,11 @@ class _Hooks:
     async def handle_exception(self, error: Exception) -> str:
         log.event(self.session.sid, "smtp", "error", error=f"{type(error).__name__}: {error}")
         return "451 4.3.0 Internal error, try again later"
+
+
+def _longest_line(content: bytes) -> int:
+    """Length of the longest CRLF-terminated line, CRLF included."""
+    return max(map(len, content.split(b"\r\n"))) + 2
 
 
 def _header_end(content: bytes) -> int:
