@@ -79,10 +79,17 @@ def poll(condition: Callable[[], object], timeout: float, interval: float = 0.05
         time.sleep(interval)
 
 
-def run_homemail(*args: str, env: dict[str, str] | None = None,
-                 timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*HOMEMAIL, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, stdin=subprocess.DEVNULL)
+def run_homemail(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*HOMEMAIL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 class Daemon:
@@ -116,11 +123,13 @@ class Daemon:
     # -- configuration -------------------------------------------------------------------------
 
     def render(self, template: str) -> str:
-        return (template.replace("@PORT@", str(self.port))
-                .replace("@USER@", USER)
-                .replace("@MAILDIR@", str(self.maildir))
-                .replace("@MBOX@", str(self.mbox))
-                .replace("@DIR@", str(self.dir)))
+        return (
+            template.replace("@PORT@", str(self.port))
+            .replace("@USER@", USER)
+            .replace("@MAILDIR@", str(self.maildir))
+            .replace("@MBOX@", str(self.mbox))
+            .replace("@DIR@", str(self.dir))
+        )
 
     def write_config(self, template: str | None = None) -> Path:
         if template is not None:
@@ -131,8 +140,16 @@ class Daemon:
     # -- process -------------------------------------------------------------------------------
 
     def command(self, *, user_mode: bool = True) -> list[str]:
-        cmd = [*HOMEMAIL, "run", "-f", str(self.config_path), "--spool", str(self.spool),
-               "--socket", str(self.socket)]
+        cmd = [
+            *HOMEMAIL,
+            "run",
+            "-f",
+            str(self.config_path),
+            "--spool",
+            str(self.spool),
+            "--socket",
+            str(self.socket),
+        ]
         if user_mode:
             cmd.append("--user-mode")
         return cmd
@@ -144,16 +161,25 @@ class Daemon:
         with open(self.log_path, "ab") as log:
             log.write(f"==== harness: starting on port {self.port}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log, env=self.env, cwd=self.home)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                cwd=self.home,
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while not port_open(self.port):
             if self.proc.poll() is not None:
-                pytest.fail(f"homemail exited with {self.proc.returncode} during start-up:\n"
-                            f"{self.log()}")
+                pytest.fail(
+                    f"homemail exited with {self.proc.returncode} during start-up:\n{self.log()}"
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"homemail did not accept connections on port {self.port} within "
-                            f"{START_TIMEOUT:.0f} s:\n{self.log()}")
+                pytest.fail(
+                    f"homemail did not accept connections on port {self.port} within "
+                    f"{START_TIMEOUT:.0f} s:\n{self.log()}"
+                )
             time.sleep(0.05)
         return self
 
@@ -217,8 +243,9 @@ class Daemon:
         """A position in the log; pass it as ``since`` to look only at what comes after."""
         return len(self.log())
 
-    def wait_for_log(self, pattern: str, *, since: int = 0, count: int = 1,
-                     timeout: float = DELIVERY_TIMEOUT) -> list[re.Match[str]]:
+    def wait_for_log(
+        self, pattern: str, *, since: int = 0, count: int = 1, timeout: float = DELIVERY_TIMEOUT
+    ) -> list[re.Match[str]]:
         regex = re.compile(pattern, re.MULTILINE)
 
         def found() -> list[re.Match[str]]:
@@ -227,15 +254,19 @@ class Daemon:
 
         matches = poll(found, timeout, 0.1)
         if not matches:
-            pytest.fail(f"log never showed {count} x /{pattern}/ within {timeout:.0f} s:\n"
-                        f"{self.log()[since:]}")
+            pytest.fail(
+                f"log never showed {count} x /{pattern}/ within {timeout:.0f} s:\n"
+                f"{self.log()[since:]}"
+            )
         return matches  # type: ignore[return-value]
 
     # -- mailboxes -----------------------------------------------------------------------------
 
-    def wait_for_files(self, directory: Path, n: int,
-                       timeout: float = DELIVERY_TIMEOUT) -> list[Path]:
+    def wait_for_files(
+        self, directory: Path, n: int, timeout: float = DELIVERY_TIMEOUT
+    ) -> list[Path]:
         """Wait until ``directory`` holds at least ``n`` files; return them sorted by name."""
+
         def files() -> list[Path]:
             if not directory.is_dir():
                 return []
@@ -245,8 +276,10 @@ class Daemon:
         found = poll(files, timeout, 0.05)
         if not found:
             have = sorted(directory.iterdir()) if directory.is_dir() else "no such directory"
-            pytest.fail(f"{directory} did not get {n} files within {timeout:.0f} s "
-                        f"(has: {have}):\n{self.log()}")
+            pytest.fail(
+                f"{directory} did not get {n} files within {timeout:.0f} s "
+                f"(has: {have}):\n{self.log()}"
+            )
         return found  # type: ignore[return-value]
 
     def maildir_files(self, maildir: Path | None = None) -> list[Path]:
@@ -262,8 +295,9 @@ class Daemon:
         """The delivered messages (``new/`` and ``cur/``), as stored."""
         return [p.read_bytes() for p in self.maildir_files(maildir)]
 
-    def wait_for_message(self, token: bytes | str, maildir: Path | None = None,
-                         timeout: float = DELIVERY_TIMEOUT) -> bytes:
+    def wait_for_message(
+        self, token: bytes | str, maildir: Path | None = None, timeout: float = DELIVERY_TIMEOUT
+    ) -> bytes:
         """Wait for the one delivered message containing ``token``; fail if there are two."""
         if isinstance(token, str):
             token = token.encode()
@@ -273,16 +307,17 @@ class Daemon:
 
         found = poll(matching, timeout, 0.05)
         if not found:
-            pytest.fail(f"no message containing {token!r} in {maildir or self.maildir} within "
-                        f"{timeout:.0f} s:\n{self.log()}")
+            pytest.fail(
+                f"no message containing {token!r} in {maildir or self.maildir} within "
+                f"{timeout:.0f} s:\n{self.log()}"
+            )
         assert len(found) == 1, f"{len(found)} copies of the message containing {token!r}"
         return found[0]  # type: ignore[index]
 
     # -- clients -------------------------------------------------------------------------------
 
     def smtp(self, timeout: float = 30.0) -> smtplib.SMTP:
-        return smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test",
-                            timeout=timeout)
+        return smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=timeout)
 
     def raw(self, timeout: float = 30.0) -> RawSmtp:
         return RawSmtp(self.port, timeout)
@@ -334,8 +369,9 @@ class RawSmtp:
             if line is None:
                 raise ConnectionError(f"connection closed after {lines!r}")
             text = line.decode("utf-8", "replace")
-            assert re.match(r"^\d{3}[ -]", text + " ") or re.match(r"^\d{3}$", text), \
+            assert re.match(r"^\d{3}[ -]", text + " ") or re.match(r"^\d{3}$", text), (
                 f"malformed reply line {text!r}"
+            )
             if code is None:
                 code = int(text[:3])
             assert int(text[:3]) == code, f"reply code changed inside a reply: {text!r}"
@@ -383,8 +419,7 @@ def header_fields(message: bytes) -> list[tuple[str, bytes]]:
             name, raw = fields[-1]
             fields[-1] = (name, raw + b"\n" + line)
         else:
-            fields.append((line.split(b":", 1)[0].strip().lower().decode("ascii", "replace"),
-                           line))
+            fields.append((line.split(b":", 1)[0].strip().lower().decode("ascii", "replace"), line))
     return fields
 
 
@@ -412,8 +447,13 @@ def split_trace(stored: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     return return_path, delivered_to, b"\n".join(lines[2:i]), b"\n".join(lines[i:])
 
 
-def send(daemon: Daemon, sender: str, rcpts: list[str], data: bytes,
-         mail_options: list[str] | None = None) -> tuple[int, bytes]:
+def send(
+    daemon: Daemon,
+    sender: str,
+    rcpts: list[str],
+    data: bytes,
+    mail_options: list[str] | None = None,
+) -> tuple[int, bytes]:
     """One transaction with smtplib; every RCPT must be accepted. Return the DATA reply."""
     with daemon.smtp() as s:
         code, msg = s.ehlo()
@@ -468,8 +508,7 @@ def running(daemon: Daemon) -> Daemon:
 
 
 @pytest.fixture(scope="module")
-def shared_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        Callable[[str], Daemon]]:
+def shared_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Daemon]]:
     """Module-scoped: ``shared_daemons(name)`` makes a daemon torn down with the module."""
     made: list[Daemon] = []
 

@@ -1,0 +1,324 @@
+"""Starting, reloading and stopping the daemon, and checking configurations."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+
+import pytest
+
+from .conftest import (
+    DEFAULT_CONFIG,
+    HOMEMAIL,
+    LOCAL_RCPT,
+    USER,
+    Daemon,
+    accepted_msgid,
+    poll,
+    port_open,
+    run_homemail,
+    send,
+    token,
+)
+
+WITH_CAROL = DEFAULT_CONFIG.replace('bob = "@USER@"', 'bob = "@USER@", carol = "@USER@"')
+
+
+def rcpt_code(daemon: Daemon, rcpt: str) -> int:
+    with daemon.smtp() as s:
+        s.ehlo()
+        code, msg = s.mail("x@example.org")
+        assert code == 250, msg
+        code, _ = s.rcpt(rcpt)
+        return code
+
+
+# -- SIGHUP ----------------------------------------------------------------------------------
+
+
+def test_sighup_reload_adds_an_alias(running: Daemon) -> None:
+    assert rcpt_code(running, "carol@localhost") == 550
+    running.write_config(WITH_CAROL)
+    mark = running.log_mark()
+    running.hup()
+    running.wait_for_log(r"smtpd reloaded", since=mark)
+    assert rcpt_code(running, "carol@localhost") == 250
+    tok = token()
+    accepted_msgid(
+        send(
+            running,
+            "x@example.org",
+            ["carol@localhost"],
+            f"Subject: {tok}\r\n\r\nfor carol\r\n".encode(),
+        )
+    )
+    running.wait_for_message(tok)
+
+
+def test_sighup_reload_with_a_broken_config_keeps_the_old_one(running: Daemon) -> None:
+    running.write_config(WITH_CAROL)
+    mark = running.log_mark()
+    running.hup()
+    running.wait_for_log(r"smtpd reloaded", since=mark)
+
+    running.config_path.write_text(
+        running.render(WITH_CAROL) + 'action "oops" maildir "/tmp/x" frobnicate\n'
+    )
+    mark = running.log_mark()
+    running.hup()
+    [line] = running.wait_for_log(r"^.*smtpd\.conf:\d+:\d+.*$", since=mark)
+    assert "error" in line.group(0).lower(), line.group(0)
+    assert running.running
+    assert rcpt_code(running, "carol@localhost") == 250  # the old configuration is in force
+    tok = token()
+    accepted_msgid(
+        send(
+            running,
+            "x@example.org",
+            ["carol@localhost", LOCAL_RCPT],
+            f"Subject: {tok}\r\n\r\nstill working\r\n".encode(),
+        )
+    )
+    assert poll(lambda: [m for m in running.maildir_messages() if tok.encode() in m], 20)
+
+    # fixing the file and reloading again works
+    running.write_config(DEFAULT_CONFIG)
+    mark = running.log_mark()
+    running.hup()
+    running.wait_for_log(r"smtpd reloaded", since=mark)
+    assert rcpt_code(running, "carol@localhost") == 550
+
+
+def test_sighup_reload_keeps_open_sessions(running: Daemon) -> None:
+    tok = token()
+    with running.smtp() as s:
+        s.ehlo()
+        assert s.mail("x@example.org")[0] == 250
+        assert s.rcpt(LOCAL_RCPT)[0] == 250
+        running.write_config(WITH_CAROL)
+        mark = running.log_mark()
+        running.hup()
+        running.wait_for_log(r"smtpd reloaded", since=mark)
+        assert s.rcpt("carol@localhost")[0] == 250
+        assert s.data(f"Subject: {tok}\r\n\r\nacross a reload\r\n".encode())[0] == 250
+    assert poll(lambda: [m for m in running.maildir_messages() if tok.encode() in m], 20)
+
+
+# -- SIGTERM ---------------------------------------------------------------------------------
+
+
+def test_sigterm_exits_zero_and_closes_the_port(running: Daemon) -> None:
+    tok = token()
+    accepted_msgid(
+        send(
+            running,
+            "x@example.org",
+            [LOCAL_RCPT],
+            f"Subject: {tok}\r\n\r\nbefore stop\r\n".encode(),
+        )
+    )
+    running.wait_for_message(tok)
+    assert running.stop() == 0
+    assert not port_open(running.port)
+    assert "Traceback" not in running.log()
+
+
+def test_sigterm_lets_an_open_session_finish(running: Daemon) -> None:
+    tok = token()
+    with running.smtp() as s:
+        s.ehlo()
+        assert s.mail("x@example.org")[0] == 250
+        assert s.rcpt(LOCAL_RCPT)[0] == 250
+        running.signal(signal.SIGTERM)
+        # new connections are refused once the daemon stops listening...
+        assert poll(lambda: not port_open(running.port), 10), "still listening after SIGTERM"
+        # ...but the transaction in progress completes
+        code, msg = s.data(f"Subject: {tok}\r\n\r\nfinished during shutdown\r\n".encode())
+        assert code == 250, msg
+        s.quit()
+    assert running.proc is not None
+    assert running.proc.wait(30) == 0
+    # the accepted message is delivered, now or after the next start
+    if not [m for m in running.maildir_messages() if tok.encode() in m]:
+        running.start(write=False)
+    running.wait_for_message(tok)
+
+
+def test_sigterm_with_an_idle_session_does_not_hang(running: Daemon) -> None:
+    """An idle client does not keep the daemon alive forever (drain has a bound)."""
+    with running.raw() as c:
+        assert c.reply().code == 220
+        assert c.command("EHLO client.test").code == 250
+        assert running.proc is not None
+        running.signal(signal.SIGTERM)
+        rc = running.proc.wait(40)
+    assert rc == 0
+
+
+def test_second_signal_forces_the_exit(running: Daemon) -> None:
+    """With a session still open the first SIGTERM waits for it; a second one exits at once."""
+    with running.raw() as c:
+        assert c.reply().code == 220
+        running.signal(signal.SIGTERM)
+        assert poll(lambda: not port_open(running.port), 10)
+        running.signal(signal.SIGTERM)
+        assert running.proc is not None
+        running.proc.wait(5)  # well before the session drain would end
+
+
+# -- start-up --------------------------------------------------------------------------------
+
+
+def test_user_mode_flag(daemon: Daemon) -> None:
+    """As root, running without --user-mode is refused; as a user it runs in user mode anyway."""
+    daemon.write_config()
+    cmd = daemon.command(user_mode=False)
+    if os.geteuid() == 0:
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=daemon.env,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode != 0
+        assert "system mode" in result.stderr, result.stderr
+        assert "--user-mode" in result.stderr, result.stderr
+        assert not port_open(daemon.port)
+    else:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=daemon.env,
+        )
+        try:
+            assert poll(lambda: port_open(daemon.port) or proc.poll() is not None, 20)
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+
+def test_start_logs_listening_and_ready(running: Daemon) -> None:
+    log = running.log()
+    assert f"smtp listening address=127.0.0.1 port={running.port}" in log
+    assert "smtpd ready" in log
+
+
+def test_port_in_use_is_a_clear_error(daemon: Daemon, tmp_path) -> None:
+    import socket
+
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", daemon.port))
+    blocker.listen(1)
+    try:
+        daemon.write_config()
+        result = subprocess.run(
+            daemon.command(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=daemon.env,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        blocker.close()
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert str(daemon.port) in result.stderr or "in use" in result.stderr.lower(), result.stderr
+
+
+def test_run_with_a_bad_config_exits_78(daemon: Daemon) -> None:
+    daemon.config_path.parent.mkdir(parents=True, exist_ok=True)
+    daemon.config_path.write_text("listen on 127.0.0.1 port 2525\nlisten in localhost\n")
+    result = subprocess.run(
+        daemon.command(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=daemon.env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 78, result.stderr
+    assert f"{daemon.config_path}:2:" in result.stderr, result.stderr
+
+
+# -- check-config ----------------------------------------------------------------------------
+
+
+def test_check_config_ok(tmp_path) -> None:
+    cfg = tmp_path / "smtpd.conf"
+    cfg.write_text(
+        f'table aliases {{ postmaster = "{USER}" }}\n'
+        "listen on 127.0.0.1 port 2525\n"
+        f'action "local" maildir "{tmp_path}/Maildir" alias <aliases>\n'
+        f'action "box" mbox "{tmp_path}/mbox"\n'
+        f'table boxrcpts {{ "{USER}@localhost" }}\n'
+        'match from local for rcpt-to <boxrcpts> action "box"\n'
+        'match from local for local action "local"\n'
+        "smtp max-message-size 1M\n"
+        "smtp limit max-mails 100 max-rcpt 1000\n"
+        "queue ttl 4d\n"
+        "bounce warn-interval 4h\n"
+    )
+    for args in (["check-config", "-f", str(cfg)], ["-n", "-f", str(cfg)]):
+        result = run_homemail(*args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"{cfg}: configuration OK", result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("listen on 127.0.0.1 port 2525\nlisen on localhost\n", "2:1"),
+        ("# comment\n\nlisten on 127.0.0.1 port notaport\n", "3:26"),
+        (
+            'listen on 127.0.0.1\naction "local" maildir "/tmp/m" alias <nosuch>\n'
+            'match for local action "local"\n',
+            "2:(39|40)",
+        ),
+        ('listen on 127.0.0.1\nmatch for local action "nowhere"\n', "2:24"),
+        ('listen on 127.0.0.1\ntable t { a = "b"\n', r"[23]:\d+"),
+        ("smtp max-message-size lots\n", "1:23"),
+        ('listen on 127.0.0.1\n\taction "x" maildir\tfrobnicate\n', r"2:\d+"),
+    ],
+)
+def test_check_config_error_has_file_line_column(tmp_path, text: str, where: str) -> None:
+    cfg = tmp_path / "smtpd.conf"
+    cfg.write_text(text)
+    for args in (["check-config", "-f", str(cfg)], ["-n", "-f", str(cfg)]):
+        result = run_homemail(*args)
+        assert result.returncode == 78, (result.stdout, result.stderr)
+        first = result.stderr.splitlines()[0]
+        assert re.match(re.escape(str(cfg)) + ":" + where + ": error: ", first), (
+            f"expected {cfg}:{where}: error: ..., got {first!r}"
+        )
+        assert "configuration OK" not in result.stdout
+
+
+def test_check_config_hint_for_a_typo(tmp_path) -> None:
+    cfg = tmp_path / "smtpd.conf"
+    cfg.write_text("lisen on localhost\n")
+    result = run_homemail("check-config", "-f", str(cfg))
+    assert result.returncode == 78
+    assert "  hint:" in result.stderr and "listen" in result.stderr, result.stderr
+
+
+def test_check_config_missing_file(tmp_path) -> None:
+    result = run_homemail("check-config", "-f", str(tmp_path / "absent.conf"))
+    assert result.returncode == 78, result
+    assert "absent.conf" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_homemail_cli_entry_point_exists() -> None:
+    assert HOMEMAIL, "no way to run homemail"
+    result = run_homemail("--version")
+    assert result.returncode == 0
+    assert "homemail" in result.stdout
