@@ -90,13 +90,16 @@ class Request:
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, TypeError) as exc:
+        raise ProtocolError(Code.BAD_REQUEST, f"cannot encode frame: {exc}") from None
     if len(data) + 1 > MAX_FRAME:
         raise ProtocolError(Code.TOO_LARGE, "frame too large")
     return data + b"\n"
 
 
-def request(id: int, verb: str, **args: Any) -> bytes:
+def request(id: int, verb: str, /, **args: Any) -> bytes:
     return encode({"v": VERSION, "id": id, "verb": verb, "args": args})
 
 
@@ -119,11 +122,12 @@ def _load(line: bytes) -> dict[str, Any]:
         raise ProtocolError(Code.TOO_LARGE, "frame too large")
     try:
         obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError(Code.BAD_REQUEST, "frame is not JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(Code.BAD_REQUEST, "frame is not a JSON object")
-    if obj.get("v") != VERSION:
+    version = obj.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
         raise ProtocolError(Code.VERSION, f"protocol version {VERSION} required")
     return obj
 

@@ -1,0 +1,402 @@
+"""The offline spool: atomic writes, and every file the daemon must refuse (REFERENCE §8, the
+2015 audit: hard links, symlinks, FIFOs, size limits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from homemail import offline
+from homemail.offline import OfflineError
+
+MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def spool(tmp_path: Path) -> str:
+    return str(tmp_path / "offline")
+
+
+def write_one(directory: str, **options: str) -> str:
+    return offline.write(
+        directory, "a@example.org", ["b@example.org", "c@example.net"], MESSAGE, options
+    )
+
+
+def plant(directory: str, name: str, header: dict[str, object], body: bytes = MESSAGE) -> str:
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(json.dumps(header).encode() + b"\n" + body)
+    return path
+
+
+def header(**changes: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "v": 1,
+        "sender": "a@example.org",
+        "rcpts": ["b@example.org"],
+        "options": {},
+        "uid": os.getuid(),
+        "time": time.time(),
+    }
+    base.update(changes)
+    return base
+
+
+def refused(directory: str, name: str, *, expected_uid: int | None = None, **kw: int) -> str:
+    with pytest.raises(OfflineError) as info:
+        offline.read(directory, name, expected_uid=expected_uid, **kw)
+    return str(info.value)
+
+
+# --- writing and reading ------------------------------------------------------------------------
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    before = time.time()
+    name = write_one(d, notify="SUCCESS,FAILURE", ret="HDRS")
+    assert len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+    msg = offline.read(d, name, expected_uid=os.getuid())
+    assert msg.sender == "a@example.org"
+    assert msg.rcpts == ["b@example.org", "c@example.net"]
+    assert msg.message == MESSAGE
+    assert msg.uid == os.getuid()
+    assert msg.name == name
+    assert msg.options == {"notify": "SUCCESS,FAILURE", "ret": "HDRS"}
+    assert before <= msg.time <= time.time()
+
+
+def test_file_layout_is_one_json_line_then_the_message(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = offline.write(d, "", ["jörg@bücher.example"], b"x\r\n", {})
+    data = Path(d, name).read_bytes()
+    first, _, rest = data.partition(b"\n")
+    assert first.isascii()
+    obj = json.loads(first)
+    assert set(obj) == {"v", "sender", "rcpts", "options", "uid", "time"}
+    assert obj["v"] == 1 and obj["sender"] == "" and obj["rcpts"] == ["jörg@bücher.example"]
+    assert rest == b"x\r\n"
+    assert offline.read(d, name, expected_uid=None).sender == ""
+
+
+def test_binary_message_is_kept_byte_for_byte(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    body = bytes(range(256)) * 100 + b"\n.\n\r\n.\r\n"
+    name = offline.write(d, "a@example.org", ["b@example.org"], body, {})
+    assert offline.read(d, name, expected_uid=None).message == body
+
+
+def test_modes_and_no_leftovers(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = write_one(d)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(d, name)).st_mode) == 0o600
+    assert os.listdir(d) == [name]
+
+
+def test_creates_missing_parents(tmp_path: Path) -> None:
+    d = str(tmp_path / "state" / "homemail" / "spool" / "offline")
+    name = write_one(d)
+    assert offline.pending(d) == [name]
+
+
+def test_write_refuses_a_symlinked_directory(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "offline"
+    link.symlink_to(real)
+    with pytest.raises(OfflineError, match="symlink"):
+        write_one(str(link))
+    assert list(real.iterdir()) == []
+
+
+def test_write_refuses_a_file_in_place_of_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "offline").write_text("x")
+    with pytest.raises(OfflineError, match="not a directory"):
+        write_one(spool(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpts", "options"),
+    [
+        ("a\r\n@example.org", ["b@example.org"], {}),
+        ("a@example.org", [], {}),
+        ("a@example.org", ["b@example.org\nRCPT TO:<c@example.org>"], {}),
+        ("a@example.org", ["b@example.org\x00"], {}),
+        ("a@example.org", [""], {}),
+        ("a@example.org", ["b@example.org"], {"notify": "NEVER\r\n"}),
+    ],
+)
+def test_write_refuses_injected_fields(
+    tmp_path: Path, sender: str, rcpts: list[str], options: dict[str, str]
+) -> None:
+    with pytest.raises(OfflineError):
+        offline.write(spool(tmp_path), sender, rcpts, MESSAGE, options)
+
+
+def test_concurrent_writers_get_distinct_files(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    names: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(20):
+            name = write_one(d)
+            with lock:
+                names.append(name)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names)) == 80
+    assert sorted(names) == offline.pending(d)
+
+
+# --- pending, discard, cleanup --------------------------------------------------------------------
+
+
+def test_pending_skips_dotfiles_and_tolerates_a_missing_directory(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    assert offline.pending(d) == []
+    a, b = write_one(d), write_one(d)
+    Path(d, ".tmp-0123").write_bytes(b"partial")
+    Path(d, ".refused-x").write_bytes(b"")
+    assert offline.pending(d) == sorted([a, b])
+
+
+def test_pending_refuses_a_symlinked_directory(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "abc").write_bytes(b"x")
+    (tmp_path / "offline").symlink_to(real)
+    with pytest.raises(OSError):
+        offline.pending(spool(tmp_path))
+
+
+def test_discard(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = write_one(d)
+    assert offline.discard(d, name)
+    assert offline.pending(d) == []
+    assert offline.discard(d, name)  # already gone is fine
+
+
+def test_discard_moves_aside_what_cannot_be_unlinked(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    os.makedirs(os.path.join(d, "planted", "sub"))
+    assert offline.discard(d, "planted")
+    assert offline.pending(d) == []
+    assert os.path.isdir(os.path.join(d, ".refused-planted"))
+
+
+@pytest.mark.parametrize("name", ["", ".tmp-x", "../x", "a/b"])
+def test_discard_ignores_names_it_would_never_list(tmp_path: Path, name: str) -> None:
+    d = spool(tmp_path)
+    write_one(d)
+    assert offline.discard(d, name) is False
+
+
+def test_prepare_dir(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    offline.prepare_dir(d)
+    offline.prepare_dir(d)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    (tmp_path / "link").symlink_to(d)
+    with pytest.raises(OfflineError):
+        offline.prepare_dir(str(tmp_path / "link"))
+
+
+def test_cleanup_stale_removes_only_old_tmp_files(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = write_one(d)
+    old, fresh = Path(d, ".tmp-old"), Path(d, ".tmp-fresh")
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    os.utime(Path(d, name), (past, past))
+    other = Path(d, ".other")
+    other.write_bytes(b"")
+    os.utime(other, (past, past))
+    assert offline.cleanup_stale(d, 3600) == 1
+    assert sorted(os.listdir(d)) == sorted([name, ".tmp-fresh", ".other"])
+    assert offline.cleanup_stale(str(tmp_path / "missing"), 1) == 0
+
+
+def test_cleanup_stale_unlinks_a_symlink_not_its_target(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    offline.prepare_dir(d)
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep")
+    link = Path(d, ".tmp-link")
+    link.symlink_to(target)
+    past = time.time() - 7200
+    os.utime(link, (past, past), follow_symlinks=False)
+    assert offline.cleanup_stale(d, 60) == 1
+    assert target.read_bytes() == b"keep"
+
+
+# --- what the daemon must refuse ------------------------------------------------------------------
+
+
+def test_refuses_a_symlink(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = write_one(d)
+    os.symlink(os.path.join(d, name), os.path.join(d, "0" * 32))
+    assert "symlink" in refused(d, "0" * 32)
+
+
+def test_refuses_a_symlink_to_a_secret(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    offline.prepare_dir(d)
+    secret = plant(str(tmp_path / "elsewhere"), "secret", header())
+    os.symlink(secret, os.path.join(d, "evil"))
+    assert "symlink" in refused(d, "evil")
+
+
+def test_refuses_a_hard_link(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = write_one(d)
+    os.link(os.path.join(d, name), os.path.join(tmp_path, "other-link"))
+    assert "links" in refused(d, name)
+
+
+def test_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    offline.prepare_dir(d)
+    os.mkfifo(os.path.join(d, "fifo"))
+    assert "regular" in refused(d, "fifo")
+
+
+def test_refuses_a_directory(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    os.makedirs(os.path.join(d, "dir"))
+    assert "regular" in refused(d, "dir")
+
+
+def test_refuses_a_file_over_the_size_limit(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = offline.write(d, "a@example.org", ["b@example.org"], b"x" * 5000, {})
+    assert "larger" in refused(d, name, max_size=4096)
+    assert offline.read(d, name, expected_uid=None, max_size=6000).message == b"x" * 5000
+
+
+def test_refuses_a_missing_file_and_odd_names(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    offline.prepare_dir(d)
+    refused(d, "0" * 32)
+    for name in ("", ".tmp-abc", "../offline/x", "a/b"):
+        refused(d, name)
+
+
+def test_refuses_a_symlinked_spool_directory(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    name = write_one(str(real))
+    (tmp_path / "offline").symlink_to(real)
+    refused(spool(tmp_path), name)
+
+
+def test_refuses_an_owner_other_than_expected(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = write_one(d)
+    assert "expected" in refused(d, name, expected_uid=os.getuid() + 1)
+
+
+def test_refuses_a_header_uid_that_is_not_the_owner(tmp_path: Path) -> None:
+    """A user cannot make the daemon believe another user sent the message."""
+    d = spool(tmp_path)
+    plant(d, "forged", header(uid=os.getuid() + 1))
+    assert "uid" in refused(d, "forged")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_refuses_a_file_chowned_to_someone_else(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = write_one(d)  # header uid 0
+    os.chown(os.path.join(d, name), 12345, 12345)
+    assert "uid" in refused(d, name)
+    assert "expected" in refused(d, name, expected_uid=0)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"v": 2},
+        {"v": True},
+        {"v": "1"},
+        {"sender": None},
+        {"sender": 5},
+        {"sender": "a@example.org\r\nRCPT TO:<x@example.org>"},
+        {"rcpts": []},
+        {"rcpts": "b@example.org"},
+        {"rcpts": ["b@example.org", 3]},
+        {"rcpts": ["b@example.org\n"]},
+        {"rcpts": ["\x00"]},
+        {"options": []},
+        {"options": {"notify": 1}},
+        {"options": {"a": "b\nc"}},
+        {"uid": "0"},
+        {"uid": -1},
+        {"uid": True},
+        {"uid": 1.5},
+        {"time": "now"},
+        {"time": None},
+    ],
+)
+def test_refuses_malformed_headers(tmp_path: Path, changes: dict[str, object]) -> None:
+    d = spool(tmp_path)
+    plant(d, "bad", header(**changes))
+    refused(d, "bad")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"no newline at all",
+        b"[1,2]\n",
+        b"\xff\xfe\n",
+        b"{" * 10 + b"\n",
+        b"[" * 100_000 + b"\n",
+    ],
+)
+def test_refuses_garbage(tmp_path: Path, content: bytes) -> None:
+    d = spool(tmp_path)
+    offline.prepare_dir(d)
+    Path(d, "garbage").write_bytes(content)
+    refused(d, "garbage")
+
+
+def test_missing_options_is_fine(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    h = header()
+    del h["options"]
+    plant(d, "old", h)
+    assert offline.read(d, "old", expected_uid=None).options == {}
+
+
+def test_swap_between_lstat_and_open_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file replaced after it was inspected is refused (dev/ino of fstat vs lstat)."""
+    d = spool(tmp_path)
+    name = write_one(d)
+    other = write_one(d)
+    real_open = os.open
+
+    def swapping_open(path: str, flags: int, *args: object, **kw: object) -> int:
+        if path == name:
+            os.rename(other, name, src_dir_fd=kw["dir_fd"], dst_dir_fd=kw["dir_fd"])  # type: ignore[arg-type]
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("homemail.offline.os.open", swapping_open)
+    assert "replaced" in refused(d, name)
