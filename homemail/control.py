@@ -114,6 +114,34 @@ class Monitor:
                 conn.send(proto.event(req_id, name, data))
 
 
+def bind_control_socket(path: str, *, private_dir: bool) -> socket.socket:
+    """Bind the control socket (world-connectable: access is checked per verb)."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, mode=0o700 if private_dir else 0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # left over by a daemon that died
+        else:
+            raise OSError(f"another daemon is answering on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o666)  # noqa: S103 - access is checked per verb, from peer credentials
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
 class ControlServer:
     def __init__(self, daemon: Daemon, path: str) -> None:
         self.daemon = daemon
@@ -122,32 +150,9 @@ class ControlServer:
         self.per_uid: dict[int, int] = {}
         self.monitor = Monitor()
 
-    async def start(self, *, private_dir: bool) -> None:
-        parent = os.path.dirname(self.path) or "."
-        os.makedirs(parent, mode=0o700 if private_dir else 0o755, exist_ok=True)
-        self._remove_stale()
+    async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_unix_server(
-            lambda: ControlConnection(self), self.path, backlog=128
-        )
-        os.chmod(self.path, 0o666)  # noqa: S103 - access is checked per verb, from the peer's credentials
-
-    def _remove_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(f"{self.path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(self.path)
-        except OSError:
-            os.unlink(self.path)  # left over by a daemon that died
-            return
-        finally:
-            probe.close()
-        raise OSError(f"another daemon is answering on {self.path}")
+        self.server = await loop.create_unix_server(lambda: ControlConnection(self), sock=sock)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -639,30 +640,83 @@ def _drop_header(headers: bytes, name: bytes) -> bytes:
     return b"".join(f + b"\r\n" for f in kept)
 
 
+ListenerKey = tuple[str, int, str, str, bool]
+
+
+def listener_key(listener: Listener, port: int) -> ListenerKey:
+    return (listener.address, port, listener.hostname or "", listener.tag or "", listener.mask_src)
+
+
+def listener_hosts(address: str) -> list[str]:
+    if address == "localhost":
+        return ["127.0.0.1", "::1"] if _ipv6_usable("::1") else ["127.0.0.1"]
+    if address == "all":
+        return ["0.0.0.0", "::"] if _ipv6_usable("::") else ["0.0.0.0"]
+    return [address]
+
+
+def _ipv6_usable(host: str) -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+def bind_listener(address: str, port: int) -> list[socket.socket]:
+    """Bind (not yet serve) the sockets of one listener, with a backlog of 1024.
+
+    The privileged parent binds port 25 this way and hands the sockets to the worker.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for host in listener_hosts(address):
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+            family, kind, _, _, addr = infos[0]
+            sock = socket.socket(family, kind)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except (OSError, socket.gaierror) as exc:
+        for sock in socks:
+            sock.close()
+        raise OSError(f"cannot listen on {address} port {port}: {exc}") from exc
+    return socks
+
+
 class SmtpServer:
-    """The listening sockets."""
+    """The listening sockets, by listener."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: dict[ListenerKey, list[asyncio.AbstractServer]] = {}
 
-    async def listen(self, listener: Listener, hosts: list[str], port: int) -> None:
+    async def serve(self, key: ListenerKey, listener: Listener, socks: list[socket.socket]
+                    ) -> None:
         loop = asyncio.get_running_loop()
-        for host in hosts:
-            server = await loop.create_server(
-                lambda: Session(self.ctx, listener),
-                host=host,
-                port=port,
-                backlog=1024,
-                reuse_address=True,
-            )
-            self.servers.append(server)
+        servers = self.servers.setdefault(key, [])
+        for sock in socks:
+            servers.append(await loop.create_server(lambda: Session(self.ctx, listener),
+                                                    sock=sock))
+
+    async def close_key(self, key: ListenerKey) -> None:
+        for server in self.servers.pop(key, []):
+            server.close()
+            await server.wait_closed()
 
     def close(self) -> None:
-        for server in self.servers:
-            server.close()
+        for servers in self.servers.values():
+            for server in servers:
+                server.close()
 
     async def wait_closed(self) -> None:
-        for server in self.servers:
-            await server.wait_closed()
+        for servers in self.servers.values():
+            for server in servers:
+                await server.wait_closed()
         self.servers.clear()

@@ -8,8 +8,9 @@ disk.  SIGHUP re-reads the configuration; an invalid one is logged and the runni
 
 User mode (any ordinary user; root only with ``--user-mode``) listens on 127.0.0.1:2525 by
 default, delivers only to the running user, and keeps its spool under ``$XDG_STATE_HOME`` and its
-control socket under ``$XDG_RUNTIME_DIR``.  System mode (root, privilege separation) is not part
-of this release and is refused with a message saying so.
+control socket under ``$XDG_RUNTIME_DIR``.  System mode (started as root) splits into a
+privileged parent and an unprivileged worker: see :mod:`homemail.parent`.  This module's Daemon
+is the whole daemon in user mode and the worker in system mode.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from homemail import __version__, bounce, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
@@ -37,20 +39,31 @@ from homemail.config import (
     parse_file,
     parse_string,
 )
-from homemail.control import ControlServer
+from homemail.control import ControlServer, bind_control_socket
 from homemail.control_protocol import Code
+from homemail.parent import (
+    DEFAULT_USER,
+    Parent,
+    WorkerChannel,
+    channel_pair,
+    drop_privileges,
+    worker_user,
+)
 from homemail.queue import Envelope, Queue, QueueError, new_evpid, new_msgid
 from homemail.queue_fs import FsQueue
 from homemail.ruleset import LOCAL_SOURCE, Rejected, Ruleset
 from homemail.scheduler import Scheduler
 from homemail.smtp import (
+    ListenerKey,
     MessageRefused,
     Recipient,
     ServerContext,
     Session,
     SmtpServer,
     Transaction,
+    bind_listener,
     build_message,
+    listener_key,
     log_accepted,
     make_envelopes,
 )
@@ -89,10 +102,32 @@ def user_aliases_path() -> str:
     return os.path.join(config, "homemail", "aliases")
 
 
-def load_config(path: str | None) -> Config:
-    """The file's configuration, or the embedded user-mode default (creating its aliases)."""
+SYSTEM_CONFIG = "/etc/homemail/smtpd.conf"
+SYSTEM_SPOOL = "/var/spool/homemail"
+SYSTEM_SOCKET = "/run/homemail/control.sock"
+SYSTEM_ALIASES = "/etc/mail/aliases"
+
+
+def system_default_config() -> str:
+    """The configuration system mode uses when there is no /etc/homemail/smtpd.conf."""
+    lines = []
+    if os.path.isfile(SYSTEM_ALIASES):
+        lines.append(f'table aliases "file:{SYSTEM_ALIASES}"')
+        lines.append('action "local" maildir alias <aliases>')
+    else:
+        lines.append('action "local" maildir')
+    lines += ["listen on localhost", 'match from local for local action "local"']
+    return "\n".join(lines) + "\n"
+
+
+def load_config(path: str | None, *, system: bool = False) -> Config:
+    """The file's configuration, or the embedded default (user mode creates its aliases)."""
     if path is not None:
         return parse_file(path)
+    if system:
+        if os.path.exists(SYSTEM_CONFIG):
+            return parse_file(SYSTEM_CONFIG)
+        return parse_string(system_default_config(), "<embedded>")
     user = current_user().name
     aliases = user_aliases_path()
     if not os.path.exists(aliases):
@@ -105,31 +140,59 @@ def load_config(path: str | None) -> Config:
     return parse_string(default_config_text(user, aliases), "<embedded>")
 
 
-def listener_hosts(listener: Listener) -> list[str]:
-    if listener.address == "localhost":
-        hosts = ["127.0.0.1"]
-        if socket.has_ipv6 and _ipv6_loopback_usable():
-            hosts.append("::1")
-        return hosts
-    if listener.address == "all":
-        return ["0.0.0.0", "::"] if socket.has_ipv6 else ["0.0.0.0"]
-    return [listener.address]
+Bound = dict[ListenerKey, tuple[Listener, list[socket.socket]]]
 
 
-def _ipv6_loopback_usable() -> bool:
+def listener_port(listener: Listener, user_mode: bool) -> int:
+    return listener.port or (USER_MODE_PORT if user_mode else SYSTEM_PORT)
+
+
+def bind_listeners(cfg: Config, user_mode: bool, keep: set[ListenerKey] | None = None) -> Bound:
+    """Bind every listener of ``cfg`` whose key is not in ``keep``."""
+    bound: Bound = {}
     try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
+        for listener in cfg.listeners:
+            if listener.address == "socket":
+                continue  # local enqueue goes through the control socket
+            port = listener_port(listener, user_mode)
+            key = listener_key(listener, port)
+            if (keep is not None and key in keep) or key in bound:
+                continue
+            bound[key] = (listener, bind_listener(listener.address, port))
     except OSError:
-        return False
+        for _, socks in bound.values():
+            for sock in socks:
+                sock.close()
+        raise
+    return bound
+
+
+def listener_keys(cfg: Config, user_mode: bool) -> dict[ListenerKey, Listener]:
+    return {
+        listener_key(x, listener_port(x, user_mode)): x
+        for x in cfg.listeners
+        if x.address != "socket"
+    }
 
 
 class Daemon:
     def __init__(
-        self, cfg: Config, *, spool: str, socket_path: str, user_mode: bool, config_path: str | None
+        self,
+        cfg: Config,
+        *,
+        spool: str,
+        socket_path: str,
+        user_mode: bool,
+        config_path: str | None,
+        bound: Bound | None = None,
+        control_sock: socket.socket | None = None,
+        channel: socket.socket | None = None,
     ) -> None:
         self.cfg = cfg
+        self.bound = bound
+        self.control_sock = control_sock
+        self.channel_sock = channel
+        self.channel: WorkerChannel | None = None
         self.config_path = config_path
         self.spool = spool
         self.socket_path = socket_path
@@ -224,6 +287,16 @@ class Daemon:
                 f"user {env.user!r} does not exist", permanent=True, status="5.1.1"
             )
         message = await asyncio.to_thread(self.queue.read_message, env.msgid)
+        if self.channel is not None:
+            result = await self.channel.deliver(
+                {"action": env.action, "user": env.user, "sender": env.sender, "rcpt": env.rcpt,
+                 "dest": env.dest, "evpid": env.evpid, "ctime": int(env.ctime),
+                 "recovered": env.recovered}, message)
+            if not result.get("ok"):
+                raise mda.DeliveryError(str(result.get("text", "delivery failed")),
+                                        permanent=bool(result.get("permanent")),
+                                        status=str(result.get("status", "4.3.0")))
+            return
         await asyncio.to_thread(mda.deliver_local, action, user, env, message, self.hostname)
 
     # -- the offline spool (sendmail while the daemon was down) ------------------------------
@@ -253,9 +326,14 @@ class Daemon:
             log.event("offline", "offline", "refused", file=name, reason=str(exc))
             await asyncio.to_thread(offline.discard, directory, name)
             return
+        if await self.submit_offline(item):
+            await asyncio.to_thread(offline.discard, directory, name)
+
+    async def submit_offline(self, item: offline.OfflineMessage) -> bool:
+        """Queue a message sendmail left in the offline spool; False if it must stay there."""
+        name = item.name
         if any(e.offline == name for e in self.scheduler.envelopes.values()):
-            await asyncio.to_thread(offline.discard, directory, name)  # taken before a crash
-            return
+            return True  # queued already, just before a crash
         txn = Transaction(sender=item.sender)
         rejected: list[tuple[str, str]] = []
         for rcpt in item.rcpts:
@@ -294,12 +372,12 @@ class Daemon:
                 await self._offline_bounce(item.sender, rcpt, reply, item.message, now)
         except QueueError as exc:
             log.event("offline", "offline", "failed", file=name, error=str(exc))
-            return
-        await asyncio.to_thread(offline.discard, directory, name)
+            return False
         if envelopes:
             log_accepted(self.ctx, "offline", msgid, message, txn, envelopes, "ESMTP", item.uid)
             self.scheduler.stats["queue.commit"] += 1
             self.scheduler.schedule(envelopes)
+        return True
 
     async def _offline_bounce(self, sender: str, rcpt: str, reply: str, original: bytes,
                               now: float) -> None:
@@ -402,13 +480,24 @@ class Daemon:
     async def start(self) -> None:
         envelopes = await asyncio.to_thread(self.queue.load)
         self.scheduler.schedule(envelopes)
-        await self.control.start(private_dir=self.socket_path == user_paths().socket)
-        for listener in self.cfg.listeners or []:
-            port = listener.port or (USER_MODE_PORT if self.user_mode else SYSTEM_PORT)
-            await self.server.listen(listener, listener_hosts(listener), port)
-            log.event("-", "smtp", "listening", address=listener.address, port=port)
-        await asyncio.to_thread(offline.prepare_dir, self.offline_dir())
-        await self.pickup_offline()
+        if self.control_sock is None:
+            self.control_sock = bind_control_socket(
+                self.socket_path, private_dir=self.socket_path == user_paths().socket
+            )
+        await self.control.start(self.control_sock)
+        bound = self.bound if self.bound is not None else bind_listeners(self.cfg, self.user_mode)
+        self.bound = None
+        for key, (listener, socks) in bound.items():
+            await self.server.serve(key, listener, socks)
+            log.event("-", "smtp", "listening", address=listener.address, port=key[1])
+        if self.channel_sock is not None:
+            self.channel = WorkerChannel(self.channel_sock)
+            self.channel.on_offline = self.submit_offline
+            self.channel.on_reload = self.apply_reload
+            self.channel.on_lost = self._stop.set
+        else:
+            await asyncio.to_thread(offline.prepare_dir, self.offline_dir())
+            await self.pickup_offline()
         log.event(
             "-",
             "smtpd",
@@ -418,31 +507,85 @@ class Daemon:
             queued=len(self.scheduler.envelopes),
             spool=self.spool,
             control=self.socket_path,
+            uid=os.getuid(),
         )
+        if self.channel is not None:
+            self.channel.send({"type": "ready", "queued": len(self.scheduler.envelopes)})
 
     async def reload(self) -> str | None:
         """Re-read the configuration; returns None, or why the running one was kept."""
+        if self.channel is not None:  # system mode: the parent re-binds, then tells us
+            self._reload_result = asyncio.get_running_loop().create_future()
+            self.channel.send({"type": "reload-request"})
+            result: str | None = await self._reload_result
+            return result
         try:
             cfg = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             log.error(f"reload failed, keeping the running configuration: {exc}")
             return str(exc)
-        changed = _listen_set(cfg) != _listen_set(self.cfg)
-        if changed:
-            self.server.close()
-            await self.server.wait_closed()
+        old = listener_keys(self.cfg, self.user_mode)
+        new = listener_keys(cfg, self.user_mode)
+        for key in old.keys() - new.keys():
+            await self.server.close_key(key)
+        try:
+            bound = bind_listeners(cfg, self.user_mode, keep=set(old) & set(new))
+        except OSError as exc:
+            log.error(f"reload: {exc}")
+            bound = {}
+        for key, (listener, socks) in bound.items():
+            await self.server.serve(key, listener, socks)
+        self._use_config(cfg, rebound=sorted(str(k[:2]) for k in bound))
+        return None
+
+    async def apply_reload(self, record: dict[str, Any], fds: list[int]) -> None:
+        """System mode: the parent re-bound what changed and validated the new configuration."""
+        error = record.get("error")
+        if isinstance(error, str):
+            self._finish_reload(error)
+            for fd in fds:
+                os.close(fd)
+            return
+        for key in record.get("remove", []) or []:
+            await self.server.close_key(tuple(key))
+        try:
+            cfg = await asyncio.to_thread(load_config, self.config_path, system=True)
+        except ConfigError as exc:
+            log.error(f"reload failed in the worker, keeping the running configuration: {exc}")
+            for fd in fds:
+                os.close(fd)
+            self._finish_reload(str(exc))
+            return
+        keys = listener_keys(cfg, self.user_mode)
+        fd_iter = iter(fds)
+        for item in record.get("add", []) or []:
+            key, count = tuple(item[0]), int(item[1])
+            socks = [socket.socket(fileno=next(fd_iter)) for _ in range(count)]
+            for sock in socks:
+                sock.setblocking(False)
+            listener = keys.get(key)
+            if listener is None:
+                for sock in socks:
+                    sock.close()
+                continue
+            await self.server.serve(key, listener, socks)
+        added = record.get("add") or []
+        self._use_config(cfg, rebound=[str(item[0][:2]) for item in added])
+        self._finish_reload(None)
+
+    def _finish_reload(self, error: str | None) -> None:
+        fut = getattr(self, "_reload_result", None)
+        if fut is not None and not fut.done():
+            fut.set_result(error)
+
+    def _use_config(self, cfg: Config, *, rebound: list[str]) -> None:
         self.cfg = cfg
         fresh = self._context(cfg)
         for name in ("ruleset", "max_message_size", "max_mails", "max_rcpt", "queue_ttl"):
             setattr(self.ctx, name, getattr(fresh, name))
         self.scheduler.warn_intervals = sorted(cfg.bounce_warn_interval)
-        if changed:
-            for listener in cfg.listeners:
-                port = listener.port or (USER_MODE_PORT if self.user_mode else SYSTEM_PORT)
-                await self.server.listen(listener, listener_hosts(listener), port)
-        log.event("-", "smtpd", "reloaded", config=cfg.path, listeners_rebound=changed)
+        log.event("-", "smtpd", "reloaded", config=cfg.path, listeners_rebound=len(rebound))
         self.publish("reloaded", {"config": cfg.path})
-        return None
 
     def request_stop(self) -> None:
         self._signals += 1
@@ -455,14 +598,20 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        if self.channel_sock is None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        else:
+            loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the parent reloads
         await self.start()
         runner = asyncio.create_task(self.scheduler.run())
-        scanner = asyncio.create_task(self._offline_loop())
+        scanner = asyncio.create_task(self._offline_loop()) if self.channel is None else None
+        status = asyncio.create_task(self._status_loop()) if self.channel is not None else None
         await self._stop.wait()
         log.event("-", "smtpd", "stopping", sessions=self.ctx.sessions)
         self.server.close()
-        scanner.cancel()
+        for task in (scanner, status):
+            if task is not None:
+                task.cancel()
         deadline = time.monotonic() + DRAIN_SECONDS
         while self.ctx.sessions > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -472,11 +621,19 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await self.queue.close()
+        if self.channel is not None:
+            self.channel.close()
         log.event("-", "smtpd", "stopped")
 
-
-def _listen_set(cfg: Config) -> list[tuple[str, int | None, str | None, str | None, bool]]:
-    return [(x.address, x.port, x.hostname, x.tag, x.mask_src) for x in cfg.listeners]
+    async def _status_loop(self) -> None:
+        assert self.channel is not None
+        last = -1
+        while True:
+            await asyncio.sleep(5.0)
+            queued = len(self.scheduler.envelopes)
+            if queued != last:
+                self.channel.send({"type": "status", "queued": queued})
+                last = queued
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -498,15 +655,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-f",
         "--config",
         metavar="FILE",
-        help="configuration file (default: the embedded user-mode configuration)",
+        help="configuration file (default: the embedded user-mode configuration; "
+        f"as root {SYSTEM_CONFIG} if it exists)",
     )
     run.add_argument("--spool", metavar="DIR", help="queue directory")
     run.add_argument("--socket", metavar="PATH", help="control socket path")
     run.add_argument(
         "--user-mode",
         action="store_true",
-        help="run as a single unprivileged process (required to do so as root)",
+        help="run as a single process with the caller's rights, even as root",
     )
+    run.add_argument("--user", default=DEFAULT_USER, metavar="NAME",
+                     help=f"system mode: the unprivileged user of the worker ({DEFAULT_USER})")
     run.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     check = sub.add_parser("check-config", help="check the configuration and exit")
     check.add_argument("-f", "--config", metavar="FILE")
@@ -529,13 +689,7 @@ def check_config(path: str | None) -> int:
 def run(args: argparse.Namespace) -> int:
     log.setup(args.verbose)
     if os.geteuid() == 0 and not args.user_mode:
-        print(
-            "homemail: system mode (running as root with privilege separation) is not "
-            "supported yet; run as an ordinary user, or pass --user-mode to run as a "
-            "single process",
-            file=sys.stderr,
-        )
-        return EX_CONFIG
+        return run_system(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
@@ -559,6 +713,98 @@ def run(args: argparse.Namespace) -> int:
         log.error(f"cannot start: {exc}")
         return EX_OSERR
     return EX_OK
+
+
+def prepare_system_spool(spool: str, uid: int, gid: int) -> None:
+    """The spool belongs to the worker; offline/ is where any user's sendmail may drop mail."""
+    os.makedirs(spool, mode=0o711, exist_ok=True)
+    st = os.lstat(spool)
+    if not os.path.isdir(spool) or os.path.islink(spool):
+        raise OSError(f"{spool} is not a directory")
+    if st.st_uid != uid or st.st_gid != gid:
+        os.chown(spool, uid, gid)
+    os.chmod(spool, 0o711)  # noqa: S103 - users reach offline/ through it
+    for name in ("journal", "queue", "incoming"):
+        path = os.path.join(spool, name)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        for root, dirs, files in os.walk(path):
+            for entry in (*dirs, *files):
+                os.lchown(os.path.join(root, entry), uid, gid)
+        os.chown(path, uid, gid)
+    offline_dir = os.path.join(spool, "offline")
+    os.makedirs(offline_dir, exist_ok=True)
+    os.chown(offline_dir, 0, 0)
+    os.chmod(offline_dir, 0o1777)  # noqa: S103 - sticky, like /tmp
+
+
+def run_system(args: argparse.Namespace) -> int:
+    """Root: bind, fork the unprivileged worker, then serve it deliveries (homemail.parent)."""
+    try:
+        cfg = load_config(args.config, system=True)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+    for warning in cfg.warnings:
+        log.warning(str(warning))
+    entry = worker_user(args.user)
+    spool = args.spool or SYSTEM_SPOOL
+    socket_path = args.socket or SYSTEM_SOCKET
+    try:
+        prepare_system_spool(spool, entry.pw_uid, entry.pw_gid)
+        bound = bind_listeners(cfg, user_mode=False)
+        control_sock = bind_control_socket(socket_path, private_dir=False)
+    except OSError as exc:
+        log.error(f"cannot start: {exc}")
+        return EX_OSERR
+    parent_end, worker_end = channel_pair()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = EX_OK
+        try:
+            parent_end.close()
+            drop_privileges(entry)
+            os.environ["HOME"] = entry.pw_dir
+            os.environ["USER"] = os.environ["LOGNAME"] = entry.pw_name
+            daemon = Daemon(cfg, spool=spool, socket_path=socket_path, user_mode=False,
+                            config_path=args.config, bound=bound, control_sock=control_sock,
+                            channel=worker_end)
+            asyncio.run(daemon.serve())
+        except BaseException as exc:
+            log.error(f"worker: {exc!r}")
+            code = EX_SOFTWARE
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    worker_end.close()
+    control_sock.close()  # the parent keeps no listening socket: the worker has them
+    for _, socks in bound.values():
+        for sock in socks:
+            sock.close()
+    log.event("parent", "smtpd", "started", worker=pid, user=entry.pw_name)
+    parent = Parent(cfg, parent_end, worker_pid=pid, spool=spool,
+                    hostname=socket.getfqdn() or "localhost", config_path=args.config)
+    parent.reload_listeners = _rebind
+    status = parent.run()
+    with contextlib.suppress(OSError):
+        os.unlink(socket_path)
+    log.event("parent", "smtpd", "stopped", worker_status=status)
+    return EX_OK if status == 0 else EX_SOFTWARE
+
+
+def _rebind(old: Config, new: Config) -> tuple[list[list[Any]], list[list[Any]], list[int]]:
+    """Parent, on reload: bind the listeners that are new; name those that went away."""
+    before = listener_keys(old, user_mode=False)
+    after = listener_keys(new, user_mode=False)
+    bound = bind_listeners(new, user_mode=False, keep=set(before) & set(after))
+    add: list[list[Any]] = []
+    fds: list[int] = []
+    for key, (_, socks) in bound.items():
+        add.append([list(key), len(socks)])
+        for sock in socks:
+            fds.append(sock.detach())
+    remove = [list(key) for key in before.keys() - after.keys()]
+    return add, remove, fds
 
 
 def main(argv: list[str] | None = None) -> int:

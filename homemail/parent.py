@@ -1,0 +1,624 @@
+"""System mode: the privileged parent, and the channel between it and the worker.
+
+Started as root, homemail splits itself in two, as OpenSMTPD does:
+
+- the **parent** (this module, root) reads the configuration, binds the listeners and the control
+  socket, forks the worker, and then only answers the worker's requests: it never reads a byte
+  from the network.  Each local delivery it is asked for runs in a child it forks, which drops to
+  the recipient's uid, gid and groups before it touches the mailbox.  Delivery as root is
+  refused.  It also reads the offline spool (files users wrote while the daemon was down), whose
+  files only root may read, and hands their contents to the worker; and it sends systemd its
+  READY / RELOADING / STOPPING / STATUS notifications.
+- the **worker** (:mod:`homemail.smtpd`'s Daemon) drops to the unprivileged user (``_homemail`` by
+  default) with setgroups, setgid and setuid right after the fork, checks that it cannot get
+  root back, and only then starts serving SMTP, the queue, the scheduler and control requests.
+
+**The channel** is a ``SOCK_SEQPACKET`` socketpair: each record is one JSON object (at most
+:data:`MAX_RECORD` bytes) with ``"v": 1`` and a ``"type"``, optionally carrying file descriptors
+(SCM_RIGHTS).  Worker → parent: ``ready`` {queued}, ``status`` {queued}, ``deliver`` {id, action,
+user, sender, rcpt, dest, evpid, ctime, recovered} with the message as one fd (a memfd),
+``offline-done`` {name, ok} and ``reload-request``.  Parent → worker: ``result`` {id, ok,
+permanent, status, text}, ``offline`` {name, sender, rcpts, uid} with the message as one fd,
+``reload`` {add, remove} with the new listeners' sockets as fds (or {error}), and ``stop``.
+The parent validates every request it gets: a
+compromised worker can only ask for deliveries the configuration allows — an action that exists,
+a user that exists and is not root, and a recipient that the rules and aliases really send to
+that user with that action.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import pwd
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from homemail import log, mda, offline
+from homemail.address import AddressError, parse_mailbox
+from homemail.aliases import UserDb
+from homemail.config import Config, ConfigError
+from homemail.ruleset import Rejected, Ruleset, Source
+
+VERSION = 1
+MAX_RECORD = 64 * 1024
+MAX_FDS = 64
+MAX_CHILDREN = 8
+OFFLINE_SCAN_SECONDS = 60.0
+DEFAULT_USER = "_homemail"
+
+
+# -- the channel -------------------------------------------------------------------------------
+
+
+class ChannelError(Exception):
+    pass
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def send_record(sock: socket.socket, record: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps({"v": VERSION, **record}, ensure_ascii=True).encode()
+    if len(data) > MAX_RECORD:
+        raise ChannelError("record too large")
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def recv_record(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """One record and its fds; None at EOF; raises ChannelError on a malformed record."""
+    data, ancdata, flags, _ = sock.recvmsg(MAX_RECORD + 1, socket.CMSG_SPACE(MAX_FDS * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+            fds.extend(arr)
+    if not data and not fds:
+        return None
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_RECORD:
+            raise ChannelError("record truncated")
+        record = json.loads(data)
+        if not isinstance(record, dict) or record.get("v") != VERSION:
+            raise ChannelError("bad record version")
+        if not isinstance(record.get("type"), str):
+            raise ChannelError("record without type")
+    except (ValueError, RecursionError, ChannelError):
+        for fd in fds:
+            os.close(fd)
+        raise ChannelError("malformed record") from None
+    return record, fds
+
+
+def _text(record: dict[str, Any], name: str, *, empty_ok: bool = False, limit: int = 1024) -> str:
+    value = record.get(name)
+    if not isinstance(value, str) or len(value) > limit or (not value and not empty_ok):
+        raise ChannelError(f"bad field {name!r}")
+    if any(c in value for c in "\r\n\x00"):
+        raise ChannelError(f"control character in {name!r}")
+    return value
+
+
+def _int(record: dict[str, Any], name: str) -> int:
+    value = record.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ChannelError(f"bad field {name!r}")
+    return value
+
+
+# -- privileges --------------------------------------------------------------------------------
+
+
+def drop_privileges(entry: pwd.struct_passwd, extra_groups: list[int] | None = None) -> None:
+    """Become ``entry`` for good: groups, gid, uid; then prove root cannot be regained."""
+    groups = os.getgrouplist(entry.pw_name, entry.pw_gid) if extra_groups is None else [
+        entry.pw_gid, *extra_groups]
+    os.setgroups(sorted(set(groups)))
+    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    if 0 in os.getresuid() or 0 in os.getresgid() or 0 in os.getgroups():
+        raise PermissionError("privileges were not dropped")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise PermissionError("could regain root after dropping privileges")
+
+
+# -- systemd -----------------------------------------------------------------------------------
+
+
+def sd_notify(message: str) -> None:
+    """Send a systemd notification if NOTIFY_SOCKET is set (no dependency; errors ignored)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.send(message.encode())
+
+
+# -- the parent --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    pid: int
+    request_id: int
+    pipe: int
+    output: bytearray = field(default_factory=bytearray)
+
+
+class Parent:
+    """The root process of system mode after the worker has been forked."""
+
+    def __init__(self, cfg: Config, channel: socket.socket, *, worker_pid: int, spool: str,
+                 hostname: str, config_path: str | None) -> None:
+        self.cfg = cfg
+        self.channel = channel
+        self.worker_pid = worker_pid
+        self.spool = spool
+        self.hostname = hostname
+        self.config_path = config_path
+        self.users = UserDb(user_mode=False)
+        self.ruleset = Ruleset(cfg, self.users, hostname)
+        self.children: dict[int, _Child] = {}  # by pipe fd
+        self.waiting: list[tuple[dict[str, Any], int]] = []  # deliveries over MAX_CHILDREN
+        self.selector = selectors.DefaultSelector()
+        self.offline_pending: set[str] = set()
+        self.stopping = False
+        self.next_scan = 0.0
+        self.reload_listeners: Any = None  # set by smtpd: binds what changed, returns fds
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, lambda *_: None)
+        self.selector.register(rfd, selectors.EVENT_READ, "signal")
+        self.selector.register(self.channel, selectors.EVENT_READ, "channel")
+        status = 0
+        while True:
+            timeout = max(0.0, self.next_scan - time.monotonic()) if self.next_scan else None
+            for key, _ in self.selector.select(timeout):
+                if key.data == "signal":
+                    for signum in os.read(rfd, 64):
+                        self.on_signal(signum)
+                elif key.data == "channel":
+                    if not self.on_channel():
+                        status = self.worker_exit()
+                        self.finish()
+                        return status
+                else:
+                    self.on_child_output(key.fd)
+            if self.next_scan and time.monotonic() >= self.next_scan:
+                self.scan_offline()
+
+    def on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.stopping:
+                os.kill(self.worker_pid, signal.SIGKILL)
+                return
+            self.stopping = True
+            sd_notify("STOPPING=1")
+            log.event("parent", "smtpd", "stopping")
+            # a record, not a signal: under systemd the worker may have had the SIGTERM too,
+            # and a second signal would force it out without draining its sessions
+            try:
+                send_record(self.channel, {"type": "stop"})
+            except OSError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.worker_pid, signal.SIGTERM)
+        elif signum == signal.SIGHUP:
+            self.reload()
+        elif signum == signal.SIGCHLD:
+            self.reap()
+
+    def reload(self) -> None:
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        from homemail.smtpd import load_config
+
+        try:
+            cfg = load_config(self.config_path, system=True)
+        except ConfigError as exc:
+            log.error(f"reload failed, keeping the running configuration: {exc}")
+            sd_notify("READY=1\nSTATUS=reload failed; running the previous configuration")
+            with contextlib.suppress(OSError, ChannelError):
+                send_record(self.channel, {"type": "reload", "error": str(exc)[:4000]})
+            return
+        add: list[list[Any]] = []
+        remove: list[list[Any]] = []
+        fds: list[int] = []
+        if self.reload_listeners is not None:
+            try:
+                add, remove, fds = self.reload_listeners(self.cfg, cfg)
+            except OSError as exc:
+                log.error(f"reload: {exc}")
+        self.cfg = cfg
+        self.ruleset = Ruleset(cfg, self.users, self.hostname)
+        try:
+            send_record(self.channel, {"type": "reload", "add": add, "remove": remove}, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sd_notify("READY=1")
+
+    def on_channel(self) -> bool:
+        try:
+            got = recv_record(self.channel)
+        except ChannelError as exc:
+            log.event("parent", "channel", "refused", reason=str(exc))
+            return True
+        except OSError:
+            return False
+        if got is None:
+            return False
+        record, fds = got
+        try:
+            self.handle(record, fds)
+        except ChannelError as exc:
+            log.event("parent", "channel", "refused", type=str(record.get("type"))[:32],
+                      reason=str(exc))
+            if isinstance(record.get("id"), int):
+                self.reply_result(record["id"], ok=False, permanent=True, status="5.7.1",
+                                  text=f"refused by the parent: {exc}")
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def handle(self, record: dict[str, Any], fds: list[int]) -> None:
+        kind = record["type"]
+        if kind == "ready":
+            queued = _int(record, "queued")
+            sd_notify(f"READY=1\nSTATUS=queue: {queued}\nMAINPID={os.getpid()}")
+            self.next_scan = time.monotonic()
+        elif kind == "reload-request":
+            self.reload()
+        elif kind == "status":
+            sd_notify(f"STATUS=queue: {_int(record, 'queued')}")
+        elif kind == "deliver":
+            if len(fds) != 1:
+                raise ChannelError("deliver needs exactly one message fd")
+            self.validate_delivery(record)
+            if len(self.children) >= MAX_CHILDREN:
+                self.waiting.append((record, fds[0]))
+            else:
+                self.spawn(record, fds[0])
+        elif kind == "offline-done":
+            name = _text(record, "name")
+            self.offline_pending.discard(name)
+            if record.get("ok") is True:
+                offline.discard(self.offline_dir(), name)
+        else:
+            raise ChannelError(f"unknown record type {kind[:32]!r}")
+
+    # -- deliveries --------------------------------------------------------------------------
+
+    def validate_delivery(self, record: dict[str, Any]) -> pwd.struct_passwd:
+        _int(record, "id")
+        action_name = _text(record, "action")
+        user_name = _text(record, "user")
+        rcpt = _text(record, "rcpt")
+        dest = _text(record, "dest")
+        _text(record, "sender", empty_ok=True)
+        _int(record, "evpid")
+        _int(record, "ctime")
+        action = self.cfg.actions.get(action_name)
+        if action is None or action.method not in ("maildir", "mbox"):
+            raise ChannelError(f"no local delivery action {action_name!r}")
+        try:
+            entry = pwd.getpwnam(user_name)
+        except KeyError:
+            raise ChannelError(f"no user {user_name!r}") from None
+        if entry.pw_uid == 0 or entry.pw_gid == 0:
+            raise ChannelError("delivery as root is refused: alias root to a person")
+        try:
+            address = parse_mailbox(rcpt, allow_bare_postmaster=True)
+        except AddressError:
+            raise ChannelError("malformed recipient") from None
+        allowed = False
+        for source in (Source("socket", ""), Source("remote", "")):
+            try:
+                targets = self.ruleset.route(source, address)
+            except Rejected:
+                continue
+            if any(t.action == action_name and t.user == entry.pw_name and t.dest == dest
+                   for t in targets):
+                allowed = True
+                break
+        if not allowed:
+            raise ChannelError("the configuration does not deliver this recipient to this user")
+        return entry
+
+    def spawn(self, record: dict[str, Any], msgfd: int) -> None:
+        entry = pwd.getpwnam(record["user"])
+        action = self.cfg.actions[record["action"]]
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the delivery child
+            code = 0
+            try:
+                os.close(rfd)
+                self.channel.close()
+                signal.set_wakeup_fd(-1)
+                result = _deliver_as_user(entry, action, record, msgfd, self.hostname)
+                os.write(wfd, json.dumps(result).encode())
+            except BaseException:
+                code = 70
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        os.close(msgfd)
+        self.children[rfd] = _Child(pid, record["id"], rfd)
+        self.selector.register(rfd, selectors.EVENT_READ, "child")
+
+    def on_child_output(self, fd: int) -> None:
+        child = self.children[fd]
+        data = os.read(fd, 65536)
+        if data:
+            child.output += data
+            return
+        self.selector.unregister(fd)
+        os.close(fd)
+        del self.children[fd]
+        try:
+            result = json.loads(child.output)
+        except ValueError:
+            result = {"ok": False, "permanent": False, "status": "4.3.0",
+                      "text": "delivery process failed"}
+        self.reply_result(child.request_id, **result)
+        self.reap()
+        if self.waiting and len(self.children) < MAX_CHILDREN:
+            record, msgfd = self.waiting.pop(0)
+            self.spawn(record, msgfd)
+
+    def reply_result(self, request_id: int, *, ok: bool, permanent: bool, status: str,
+                     text: str) -> None:
+        with contextlib.suppress(OSError):
+            send_record(self.channel, {"type": "result", "id": request_id, "ok": ok,
+                                       "permanent": permanent, "status": status,
+                                       "text": log.sanitize(text)})
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.worker_pid:
+                self.worker_pid = -pid  # remembered as gone
+
+    def worker_exit(self) -> int:
+        if self.worker_pid > 0:
+            _, status = os.waitpid(self.worker_pid, 0)
+            return os.waitstatus_to_exitcode(status)
+        return 0
+
+    def finish(self) -> None:
+        for child in list(self.children.values()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, 0)
+
+    # -- the offline spool -------------------------------------------------------------------
+
+    def offline_dir(self) -> str:
+        return os.path.join(self.spool, "offline")
+
+    def scan_offline(self) -> None:
+        self.next_scan = time.monotonic() + OFFLINE_SCAN_SECONDS
+        directory = self.offline_dir()
+        with contextlib.suppress(OSError):
+            offline.cleanup_stale(directory, 86400)
+        try:
+            names = offline.pending(directory)
+        except OSError:
+            return
+        for name in names:
+            if name in self.offline_pending:
+                continue
+            try:
+                item = offline.read(directory, name, expected_uid=None,
+                                    max_size=self.cfg.max_message_size + 65536)
+            except offline.OfflineError as exc:
+                log.event("offline", "offline", "refused", file=name, reason=str(exc))
+                offline.discard(directory, name)
+                continue
+            fd = _memfd(item.message)
+            try:
+                send_record(self.channel, {"type": "offline", "name": name,
+                                           "sender": item.sender, "rcpts": item.rcpts,
+                                           "uid": item.uid}, [fd])
+                self.offline_pending.add(name)
+            except (OSError, ChannelError) as exc:
+                log.event("offline", "offline", "failed", file=name, error=str(exc))
+            finally:
+                os.close(fd)
+
+
+def _memfd(data: bytes) -> int:
+    """An fd holding ``data``, for passing a message over the channel."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("homemail-message", os.MFD_CLOEXEC)
+    else:  # the BSDs: an anonymous temporary file
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def read_fd(fd: int, limit: int) -> bytes:
+    size = os.fstat(fd).st_size
+    if size > limit:
+        raise ChannelError("message too large")
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _deliver_as_user(entry: pwd.struct_passwd, action: Any, record: dict[str, Any], msgfd: int,
+                     hostname: str) -> dict[str, Any]:
+    """Runs in the forked child: become the user, deliver, return the outcome."""
+    extra = None
+    if action.method == "mbox":  # /var/mail is group mail on Debian: deliver with that group
+        try:
+            import grp
+
+            extra = [*os.getgrouplist(entry.pw_name, entry.pw_gid), grp.getgrnam("mail").gr_gid]
+        except KeyError:
+            extra = None
+    drop_privileges(entry, extra)
+    from homemail.aliases import LocalUser
+    from homemail.queue import Envelope
+
+    message = read_fd(msgfd, 1 << 31)
+    env = Envelope(evpid=record["evpid"], sender=record["sender"], rcpt=record["rcpt"],
+                   dest=record["dest"], user=entry.pw_name, action=action.name,
+                   ctime=record["ctime"], expire=0, recovered=bool(record.get("recovered")))
+    user = LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+    try:
+        mda.deliver_local(action, user, env, message, hostname)
+    except mda.DeliveryError as exc:
+        return {"ok": False, "permanent": exc.permanent, "status": exc.status, "text": exc.text}
+    return {"ok": True, "permanent": False, "status": "2.0.0", "text": "Ok"}
+
+
+def worker_user(name: str) -> pwd.struct_passwd:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        print(f"homemail: the unprivileged user {name!r} does not exist; create it with\n"
+              f"  useradd --system --home-dir /var/spool/homemail --shell /usr/sbin/nologin "
+              f"{name}\nor pass --user NAME", file=sys.stderr)
+        raise SystemExit(78) from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        print(f"homemail: the unprivileged user {name!r} must not have uid or gid 0",
+              file=sys.stderr)
+        raise SystemExit(78)
+    return entry
+
+
+# -- the worker's end of the channel -----------------------------------------------------------
+
+
+class WorkerChannel:
+    """The worker's end: asks the parent for deliveries, hears offline mail and reloads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        import asyncio
+
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.next_id = 1
+        self.on_offline: Any = None  # async (OfflineMessage) -> bool
+        self.on_reload: Any = None  # async (record, fds) -> None
+        self.on_lost: Any = None  # () -> None: the parent is gone or asks us to stop
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def send(self, record: dict[str, Any], fds: list[int] | None = None) -> None:
+        for _ in range(1000):
+            try:
+                send_record(self.sock, record, fds)
+                return
+            except BlockingIOError:
+                time.sleep(0.001)
+        raise ChannelError("parent is not reading")
+
+    def _readable(self) -> None:
+        import asyncio
+
+        try:
+            got = recv_record(self.sock)
+        except BlockingIOError:
+            return
+        except (OSError, ChannelError) as exc:
+            log.event("worker", "channel", "error", error=str(exc))
+            got = None
+        if got is None:
+            self.loop.remove_reader(self.sock.fileno())
+            for waiting in self.pending.values():
+                if not waiting.done():
+                    waiting.set_exception(ChannelError("the parent process is gone"))
+            if self.on_lost is not None:
+                self.on_lost()
+            return
+        record, fds = got
+        kind = record["type"]
+        if kind == "result" and isinstance(record.get("id"), int):
+            answered = self.pending.pop(record["id"], None)
+            if answered is not None and not answered.done():
+                answered.set_result(record)
+            for fd in fds:
+                os.close(fd)
+        elif kind == "offline" and self.on_offline is not None and len(fds) == 1:
+            self._task = asyncio.ensure_future(self._offline(record, fds[0]))
+        elif kind == "stop" and self.on_lost is not None:
+            self.on_lost()
+        elif kind == "reload" and self.on_reload is not None:
+            self._task = asyncio.ensure_future(self.on_reload(record, fds))
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    async def _offline(self, record: dict[str, Any], fd: int) -> None:
+        ok = False
+        try:
+            message = read_fd(fd, 1 << 31)
+            item = offline.OfflineMessage(
+                name=_text(record, "name"), sender=_text(record, "sender", empty_ok=True),
+                rcpts=[r for r in record.get("rcpts", []) if isinstance(r, str)],
+                message=message, uid=_int(record, "uid"), time=time.time())
+            ok = await self.on_offline(item)
+        except (ChannelError, OSError) as exc:
+            log.event("worker", "offline", "failed", error=str(exc))
+        finally:
+            os.close(fd)
+        self.send({"type": "offline-done", "name": record.get("name", ""), "ok": ok})
+
+    async def deliver(self, record: dict[str, Any], message: bytes) -> dict[str, Any]:
+        ident = self.next_id
+        self.next_id += 1
+        fut: Any = self.loop.create_future()
+        self.pending[ident] = fut
+        fd = _memfd(message)
+        try:
+            self.send({"type": "deliver", "id": ident, **record}, [fd])
+        finally:
+            os.close(fd)
+        result: dict[str, Any] = await fut
+        return result
