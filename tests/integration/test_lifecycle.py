@@ -172,21 +172,22 @@ def test_second_signal_forces_the_exit(running: Daemon) -> None:
 
 
 def test_user_mode_flag(daemon: Daemon) -> None:
-    """As root, running without --user-mode is refused; as a user it runs in user mode anyway."""
+    """As root, no --user-mode means system mode, which needs its unprivileged user (a missing
+    one is a clear configuration error); as a user it runs in user mode anyway."""
     daemon.write_config()
     cmd = daemon.command(user_mode=False)
     if os.geteuid() == 0:
         result = subprocess.run(
-            cmd,
+            [*cmd, "--user", "hm-no-such-user"],
             capture_output=True,
             text=True,
             timeout=30,
             env=daemon.env,
             stdin=subprocess.DEVNULL,
         )
-        assert result.returncode != 0
-        assert "system mode" in result.stderr, result.stderr
-        assert "--user-mode" in result.stderr, result.stderr
+        assert result.returncode == 78, result.stderr
+        assert "'hm-no-such-user' does not exist" in result.stderr, result.stderr
+        assert "useradd" in result.stderr, result.stderr
         assert not port_open(daemon.port)
     else:
         proc = subprocess.Popen(

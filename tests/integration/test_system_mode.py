@@ -1,0 +1,363 @@
+"""System mode, end to end: started as root, the daemon splits into a root parent and an
+unprivileged worker; deliveries run as each recipient.
+
+These tests need root (to create users and to start system mode), as CI has.  Everything the
+worker must reach lives under a world-traversable temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from homemail.config import parse_string
+from homemail.parent import Parent, channel_pair, recv_record, send_record
+from .conftest import HOMEMAIL, free_port, poll, port_open
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="system mode and test users need root")
+
+WORKER_USER = "_hmtestworker"
+USERS = ("hmsys1", "hmsys2")
+
+CONFIG = """\
+table aliases {{ postmaster = "hmsys1", team = "hmsys1, hmsys2" }}
+listen on 127.0.0.1 port {port}
+action "local" maildir alias <aliases>
+match from local for local action "local"
+"""
+
+
+def _useradd(name: str, home: Path | None, system: bool = False) -> None:
+    if subprocess.run(["id", name], capture_output=True).returncode == 0:
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+    cmd = ["useradd", "--shell", "/usr/sbin/nologin"]
+    cmd += ["--system", "--no-create-home"] if system else ["--create-home", "--home-dir", str(home)]
+    subprocess.run([*cmd, name], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="hm-sys-"))
+    base.chmod(0o755)
+    (base / "home").mkdir(mode=0o755)
+    _useradd(WORKER_USER, None, system=True)
+    for user in USERS:
+        _useradd(user, base / "home" / user)
+    try:
+        yield base
+    finally:
+        for user in (*USERS, WORKER_USER):
+            subprocess.run(["userdel", "-r", user], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class SystemDaemon:
+    def __init__(self, base: Path) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+        self.dir.chmod(0o755)
+        self.port = free_port()
+        self.config = self.dir / "smtpd.conf"
+        self.config.write_text(CONFIG.format(port=self.port))
+        self.config.chmod(0o644)
+        self.socket = self.dir / "control.sock"
+        self.notify_path = self.dir / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(0.2)
+        self.notes: list[str] = []
+        self.log_path = self.dir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> SystemDaemon:
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*HOMEMAIL, "run", "-f", str(self.config), "--spool", str(self.dir / "spool"),
+                 "--socket", str(self.socket), "--user", WORKER_USER, *extra],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                start_new_session=True,
+            )
+        assert poll(lambda: port_open(self.port) or self.proc.poll() is not None, 20)
+        assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def read_notes(self, until: str, timeout: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.notes.append(self.notify.recv(4096).decode())
+            except TimeoutError:
+                continue
+            if until in self.notes[-1].split("\n"):
+                return self.notes
+        pytest.fail(f"no {until!r} notification; got {self.notes}\n{self.log()}")
+
+    def worker_pid(self) -> int:
+        assert self.proc is not None
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid and "homemail" in (entry / "cmdline").read_text():
+                return int(entry.name)
+        pytest.fail("no worker process found")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.notify.close()
+
+
+@pytest.fixture
+def system(world: Path) -> Iterator[SystemDaemon]:
+    daemon = SystemDaemon(world)
+    try:
+        yield daemon
+    finally:
+        daemon.cleanup()
+
+
+def _status_ids(pid: int) -> dict[str, list[int]]:
+    ids: dict[str, list[int]] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            ids[key] = [int(x) for x in value.split()]
+    return ids
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _listening_inodes() -> set[int]:
+    listening = set()
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                listening.add(int(fields[9]))
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: a listening socket
+            listening.add(int(fields[6]))
+    return listening
+
+
+def test_worker_runs_without_any_root_id(system: SystemDaemon) -> None:
+    system.start()
+    ids = _status_ids(system.worker_pid())
+    worker = pwd.getpwnam(WORKER_USER)
+    assert ids["Uid"] == [worker.pw_uid] * 4, ids
+    assert ids["Gid"] == [worker.pw_gid] * 4, ids
+    assert 0 not in ids["Groups"], ids
+    assert "uid=0" not in system.log().split("smtpd ready", 1)[1].splitlines()[0]
+
+
+def test_only_the_worker_holds_listening_sockets(system: SystemDaemon) -> None:
+    system.start()
+    assert system.proc is not None
+    listening = _listening_inodes()
+    parent = _socket_inodes(system.proc.pid) & listening
+    worker = _socket_inodes(system.worker_pid()) & listening
+    assert parent == set(), f"the parent holds listening sockets {parent}"
+    assert len(worker) >= 2, "the worker should hold the SMTP listener and the control socket"
+
+
+def test_deliveries_land_owned_by_each_recipient(system: SystemDaemon, world: Path) -> None:
+    system.start()
+    with smtplib.SMTP("127.0.0.1", system.port, timeout=10) as client:
+        refused = client.sendmail("alice@example.org", ["team@localhost"],
+                                  b"Subject: for the team\r\n\r\nhello both\r\n")
+    assert refused == {}
+    for name in USERS:
+        entry = pwd.getpwnam(name)
+        new = Path(entry.pw_dir) / "Maildir" / "new"
+        assert poll(lambda new=new: new.is_dir() and list(new.iterdir()), 20), system.log()
+        files = list(new.iterdir())
+        assert len(files) == 1
+        st = files[0].stat()
+        assert (st.st_uid, st.st_gid) == (entry.pw_uid, entry.pw_gid)
+        assert new.stat().st_uid == entry.pw_uid
+        assert b"hello both" in files[0].read_bytes()
+        assert f"Delivered-To: {name}@localhost".encode() in files[0].read_bytes()
+
+
+def test_mail_for_root_is_refused(system: SystemDaemon) -> None:
+    system.start()
+    with smtplib.SMTP("127.0.0.1", system.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        code, reply = client.rcpt("root@localhost")
+    assert code == 550, reply
+    assert reply.startswith(b"5.1.1")
+
+
+def test_sd_notify_ready_reloading_stopping_in_order(system: SystemDaemon) -> None:
+    system.start()
+    system.read_notes("READY=1")
+    assert system.proc is not None
+    assert f"MAINPID={system.proc.pid}" in system.notes[0]
+    system.proc.send_signal(signal.SIGHUP)
+    system.read_notes("RELOADING=1")
+    system.read_notes("READY=1")
+    assert system.stop() == 0, system.log()
+    notes = system.read_notes("STOPPING=1")
+    firsts = [n.split("\n")[0] for n in notes if not n.startswith("STATUS=")]
+    assert firsts == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], notes
+
+
+def test_sigterm_stops_parent_and_worker(system: SystemDaemon) -> None:
+    system.start()
+    worker = system.worker_pid()
+    assert system.stop() == 0, system.log()
+    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text()
+    assert not system.socket.exists()
+
+
+# -- the channel, spoken directly: what a compromised worker could ask -----------------------
+
+
+@pytest.fixture
+def parent(world: Path) -> Iterator[tuple[Parent, socket.socket]]:
+    cfg = parse_string(CONFIG.format(port=free_port()), "<test>")
+    mine, theirs = channel_pair()
+    p = Parent(cfg, mine, worker_pid=-1, spool=str(world), hostname="localhost",
+               config_path=None)
+    theirs.settimeout(5)
+    try:
+        yield p, theirs
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def _message_fd(data: bytes) -> int:
+    fd = os.memfd_create("test-message")
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _ask(p: Parent, worker: socket.socket, record: dict[str, object], *, with_fd: bool = True
+         ) -> dict[str, object]:
+    fd = _message_fd(b"Subject: forged\r\n\r\nx\r\n")
+    try:
+        send_record(worker, record, [fd] if with_fd else None)
+    finally:
+        os.close(fd)
+    assert p.on_channel() is True
+    got = recv_record(worker)
+    assert got is not None
+    reply, fds = got
+    assert fds == []
+    return reply
+
+
+GOOD = {"type": "deliver", "id": 1, "action": "local", "user": "hmsys1", "sender": "a@b.c",
+        "rcpt": "hmsys1@localhost", "dest": "hmsys1@localhost", "evpid": 1 << 40, "ctime": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"user": "root", "rcpt": "root@localhost", "dest": "root@localhost"}, "root"),
+        ({"user": "hmsys2"}, "does not deliver this recipient to this user"),
+        ({"action": "other"}, "no local delivery action"),
+        ({"user": "no-such-user-hm"}, "no user"),
+        ({"rcpt": "x@evil.example", "dest": "hmsys1@localhost"}, "does not deliver"),
+        ({"dest": "hmsys2@localhost"}, "does not deliver"),
+        ({"rcpt": "hmsys1@localhost\r\nX: y"}, "control character"),
+        ({"sender": 5}, "bad field"),
+    ],
+)
+def test_forged_delivery_requests_are_refused(parent: tuple[Parent, socket.socket],
+                                              change: dict[str, object], reason: str) -> None:
+    p, worker = parent
+    before = {name: _maildir_count(name) for name in (*USERS, "root")}
+    reply = _ask(p, worker, {**GOOD, **change})
+    assert reply["type"] == "result" and reply["id"] == 1
+    assert reply["ok"] is False and reply["permanent"] is True
+    assert reason in str(reply["text"]), reply
+    assert p.children == {}, "a refused request must not fork a delivery"
+    assert {name: _maildir_count(name) for name in before} == before
+
+
+def test_request_without_message_fd_is_refused(parent: tuple[Parent, socket.socket]) -> None:
+    p, worker = parent
+    reply = _ask(p, worker, GOOD, with_fd=False)
+    assert reply["ok"] is False and "fd" in str(reply["text"])
+
+
+def test_garbage_records_do_not_stop_the_parent(parent: tuple[Parent, socket.socket]) -> None:
+    p, worker = parent
+    for junk in (b"not json", b"[]", json.dumps({"v": 2, "type": "deliver"}).encode(),
+                 json.dumps({"v": 1}).encode(), b"{" * 5000):
+        worker.send(junk)
+        assert p.on_channel() is True
+    reply = _ask(p, worker, {**GOOD, "user": "root"})
+    assert reply["ok"] is False  # still answering, still refusing
+
+
+def test_a_valid_request_is_delivered_as_the_user(parent: tuple[Parent, socket.socket]) -> None:
+    p, worker = parent
+    before = _maildir_count("hmsys1")
+    fd = _message_fd(b"Subject: through the channel\r\n\r\nok\r\n")
+    send_record(worker, {**GOOD, "evpid": (7 << 32) | 9}, [fd])
+    os.close(fd)
+    assert p.on_channel() is True
+    assert len(p.children) == 1
+    pipe = next(iter(p.children))
+    deadline = time.monotonic() + 20
+    while pipe in p.children and time.monotonic() < deadline:
+        p.on_child_output(pipe)
+    got = recv_record(worker)
+    assert got is not None
+    reply, _ = got
+    assert reply["ok"] is True, reply
+    assert _maildir_count("hmsys1") == before + 1
+    newest = max((Path(pwd.getpwnam("hmsys1").pw_dir) / "Maildir" / "new").iterdir(),
+                 key=lambda f: f.stat().st_mtime)
+    assert newest.stat().st_uid == pwd.getpwnam("hmsys1").pw_uid
+
+
+def _maildir_count(user: str) -> int:
+    new = Path(pwd.getpwnam(user).pw_dir) / "Maildir" / "new"
+    try:
+        return len(list(new.iterdir()))
+    except OSError:
+        return 0
