@@ -434,8 +434,13 @@ async def _remove(c: ControlConnection, req: Request) -> None:
     for env in envs:
         if await c.daemon.scheduler.remove(env.evpid):
             count += 1
-            log.event(format_id(env.evpid), "control", "removed", evpid=format_id(env.evpid),
-                      by=c.peer.user if c.peer else "?")
+            log.event(
+                format_id(env.evpid),
+                "control",
+                "removed",
+                evpid=format_id(env.evpid),
+                by=c.peer.user if c.peer else "?",
+            )
     c.daemon.publish("queue", {"size": len(c.daemon.scheduler.envelopes)})
     c.send(proto.reply_ok(req.id, {"count": count}))
 
@@ -482,13 +487,20 @@ async def _alias(c: ControlConnection, req: Request) -> None:
 
     path = c.daemon.aliases_path()
     if path is None:
-        raise ProtocolError(Code.CONFLICT, "the configuration names no aliases file "
-                            "(an inline table must be edited in the configuration)")
+        raise ProtocolError(
+            Code.CONFLICT,
+            "the configuration names no aliases file "
+            "(an inline table must be edited in the configuration)",
+        )
     try:
         if req.verb == "alias list":
             entries = await asyncio.to_thread(aliases_file.read_entries, path)
-            c.send(proto.reply_ok(req.id, {"file": path, "aliases": [
-                {"name": n, "targets": t} for n, t in entries]}))
+            c.send(
+                proto.reply_ok(
+                    req.id,
+                    {"file": path, "aliases": [{"name": n, "targets": t} for n, t in entries]},
+                )
+            )
             return
         name = proto.arg_str(req, "name")
         if req.verb == "alias add":
@@ -501,8 +513,13 @@ async def _alias(c: ControlConnection, req: Request) -> None:
     error = await c.daemon.update_table_by_path(path)
     if error is not None:
         raise ProtocolError(Code.CONFLICT, error)
-    log.event("control", "control", req.verb.replace(" ", "-"), name=name,
-              by=c.peer.user if c.peer else "?")
+    log.event(
+        "control",
+        "control",
+        req.verb.replace(" ", "-"),
+        name=name,
+        by=c.peer.user if c.peer else "?",
+    )
     c.send(proto.reply_ok(req.id, {"file": path}))
 
 
@@ -519,11 +536,28 @@ async def _monitor(c: ControlConnection, req: Request) -> None:
     while not c.closed:
         await asyncio.sleep(1.0)
         now = c.daemon.stats()
-        delta = {k: v - before.get(k, 0) for k, v in now.items()
-                 if isinstance(v, int) and not k.endswith(("active", "size", "uptime"))}
+        delta = {
+            k: v - before.get(k, 0)
+            for k, v in now.items()
+            if isinstance(v, int) and not k.endswith(("active", "size", "uptime"))
+        }
         delta.update({k: v for k, v in now.items() if k.endswith(("active", "size"))})
         before = now
         c.send(proto.event(req.id, "counters", delta))
+
+
+@handles("secret set")
+async def _secret_set(c: ControlConnection, req: Request) -> None:
+    label = proto.arg_str(req, "label")
+    username = proto.arg_str(req, "username")
+    password = proto.arg_str(req, "password")
+    error = await c.daemon.store_secret(label, username, password)
+    if error is not None:
+        raise ProtocolError(Code.BAD_REQUEST, error)
+    log.event(
+        "control", "control", "secret-stored", label=label, by=c.peer.user if c.peer else "?"
+    )  # never the password
+    c.send(proto.reply_ok(req.id, {"label": label}))
 
 
 @handles("log verbose", "log brief")

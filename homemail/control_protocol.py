@@ -78,6 +78,7 @@ VERBS: dict[str, bool] = {
     "monitor": False,
     "log verbose": True,
     "log brief": True,
+    "secret set": True,
     "smtp": False,
 }
 

@@ -87,7 +87,7 @@ commands:
   reload                     update table NAME
   log verbose|brief          monitor [--counters]
   alias list | alias add NAME TARGET... | alias remove NAME
-  encrypt [STRING]
+  encrypt [STRING]           secret set LABEL USERNAME   (password on stdin)
   sendmail [FLAGS] [RECIPIENT...] | mailq | newaliases
 
 --json prints the daemon's result as JSON; for show queue and monitor, one object per line.
@@ -644,6 +644,11 @@ def parse_command(words: Sequence[str]) -> Command:
             return Command("alias remove", {"name": _one_line(rest[1], "an alias name")})
     if head == "monitor" and rest in ([], ["--counters"]):
         return Command("monitor", {"counters": True} if rest else {})
+    if head == "secret" and n == 3 and rest[0] == "set":
+        return Command(
+            "secret set",
+            {"label": _one_line(rest[1], "a label"), "username": _one_line(rest[2], "a user name")},
+        )
     if head == "encrypt" and n <= 1:
         return Command("encrypt", {"string": rest[0]} if rest else {})
     raise UsageError(f"unknown or incomplete command: {clean(' '.join(words))}")
@@ -674,6 +679,17 @@ def run(opts: Options, cmd: Command) -> int:
             return show_message(client, cmd.args)
         if verb == "monitor":
             return monitor(client, opts, bool(cmd.args.get("counters")))
+        if verb == "secret set":
+            password = _read_password()
+            if password.endswith("\r"):
+                password = password[:-1]
+            client.call(verb, **cmd.args, password=_one_line(password, "the password"))
+            _print_result(
+                opts,
+                {"label": cmd.args["label"]},
+                f"credentials for {clean(cmd.args['label'])} stored",
+            )
+            return EX_OK
         if verb == "reload":
             try:
                 result = client.call("reload")

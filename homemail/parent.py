@@ -17,7 +17,8 @@ Started as root, homemail splits itself in two, as OpenSMTPD does:
 :data:`MAX_RECORD` bytes) with ``"v": 1`` and a ``"type"``, optionally carrying file descriptors
 (SCM_RIGHTS).  Worker → parent: ``ready`` {queued}, ``status`` {queued}, ``deliver`` {id, action,
 user, sender, rcpt, dest, evpid, ctime, recovered} with the message as one fd (a memfd),
-``offline-done`` {name, ok} and ``reload-request``.  Parent → worker: ``result`` {id, ok,
+``offline-done`` {name, ok}, ``secret`` {id, label, username, password} (stored by the parent
+in the root-only secrets file) and ``reload-request``.  Parent → worker: ``result`` {id, ok,
 permanent, status, text}, ``offline`` {name, sender, rcpts, uid} with the message as one fd,
 ``reload`` {add, remove} with the new listeners' sockets as fds (or {error}), and ``stop``.
 The parent validates every request it gets: a
@@ -41,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from homemail import log, mda, offline
+from homemail import credentials, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
 from homemail.aliases import UserDb
 from homemail.config import Config, ConfigError
@@ -123,8 +124,11 @@ def _int(record: dict[str, Any], name: str) -> int:
 
 def drop_privileges(entry: pwd.struct_passwd, extra_groups: list[int] | None = None) -> None:
     """Become ``entry`` for good: groups, gid, uid; then prove root cannot be regained."""
-    groups = os.getgrouplist(entry.pw_name, entry.pw_gid) if extra_groups is None else [
-        entry.pw_gid, *extra_groups]
+    groups = (
+        os.getgrouplist(entry.pw_name, entry.pw_gid)
+        if extra_groups is None
+        else [entry.pw_gid, *extra_groups]
+    )
     os.setgroups(sorted(set(groups)))
     os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
     os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
@@ -166,8 +170,16 @@ class _Child:
 class Parent:
     """The root process of system mode after the worker has been forked."""
 
-    def __init__(self, cfg: Config, channel: socket.socket, *, worker_pid: int, spool: str,
-                 hostname: str, config_path: str | None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        channel: socket.socket,
+        *,
+        worker_pid: int,
+        spool: str,
+        hostname: str,
+        config_path: str | None,
+    ) -> None:
         self.cfg = cfg
         self.channel = channel
         self.worker_pid = worker_pid
@@ -183,6 +195,7 @@ class Parent:
         self.stopping = False
         self.next_scan = 0.0
         self.reload_listeners: Any = None  # set by smtpd: binds what changed, returns fds
+        self.secrets_path = ""  # set by smtpd: where smarthost credentials are kept
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -273,11 +286,17 @@ class Parent:
         try:
             self.handle(record, fds)
         except ChannelError as exc:
-            log.event("parent", "channel", "refused", type=str(record.get("type"))[:32],
-                      reason=str(exc))
+            log.event(
+                "parent", "channel", "refused", type=str(record.get("type"))[:32], reason=str(exc)
+            )
             if isinstance(record.get("id"), int):
-                self.reply_result(record["id"], ok=False, permanent=True, status="5.7.1",
-                                  text=f"refused by the parent: {exc}")
+                self.reply_result(
+                    record["id"],
+                    ok=False,
+                    permanent=True,
+                    status="5.7.1",
+                    text=f"refused by the parent: {exc}",
+                )
             for fd in fds:
                 os.close(fd)
         return True
@@ -288,6 +307,20 @@ class Parent:
             queued = _int(record, "queued")
             sd_notify(f"READY=1\nSTATUS=queue: {queued}\nMAINPID={os.getpid()}")
             self.next_scan = time.monotonic()
+        elif kind == "secret":
+            ident = _int(record, "id")
+            try:
+                credentials.store(
+                    self.secrets_path,
+                    _text(record, "label"),
+                    _text(record, "username"),
+                    _text(record, "password"),
+                )
+            except (credentials.CredentialError, OSError) as exc:
+                self.reply_result(ident, ok=False, permanent=True, status="5.5.4", text=str(exc))
+                return
+            log.event("parent", "credentials", "stored", label=record["label"])
+            self.reply_result(ident, ok=True, permanent=False, status="2.0.0", text="stored")
         elif kind == "reload-request":
             self.reload()
         elif kind == "status":
@@ -338,8 +371,10 @@ class Parent:
                 targets = self.ruleset.route(source, address)
             except Rejected:
                 continue
-            if any(t.action == action_name and t.user == entry.pw_name and t.dest == dest
-                   for t in targets):
+            if any(
+                t.action == action_name and t.user == entry.pw_name and t.dest == dest
+                for t in targets
+            ):
                 allowed = True
                 break
         if not allowed:
@@ -380,20 +415,33 @@ class Parent:
         try:
             result = json.loads(child.output)
         except ValueError:
-            result = {"ok": False, "permanent": False, "status": "4.3.0",
-                      "text": "delivery process failed"}
+            result = {
+                "ok": False,
+                "permanent": False,
+                "status": "4.3.0",
+                "text": "delivery process failed",
+            }
         self.reply_result(child.request_id, **result)
         self.reap()
         if self.waiting and len(self.children) < MAX_CHILDREN:
             record, msgfd = self.waiting.pop(0)
             self.spawn(record, msgfd)
 
-    def reply_result(self, request_id: int, *, ok: bool, permanent: bool, status: str,
-                     text: str) -> None:
+    def reply_result(
+        self, request_id: int, *, ok: bool, permanent: bool, status: str, text: str
+    ) -> None:
         with contextlib.suppress(OSError):
-            send_record(self.channel, {"type": "result", "id": request_id, "ok": ok,
-                                       "permanent": permanent, "status": status,
-                                       "text": log.sanitize(text)})
+            send_record(
+                self.channel,
+                {
+                    "type": "result",
+                    "id": request_id,
+                    "ok": ok,
+                    "permanent": permanent,
+                    "status": status,
+                    "text": log.sanitize(text),
+                },
+            )
 
     def reap(self) -> None:
         while True:
@@ -435,17 +483,26 @@ class Parent:
             if name in self.offline_pending:
                 continue
             try:
-                item = offline.read(directory, name, expected_uid=None,
-                                    max_size=self.cfg.max_message_size + 65536)
+                item = offline.read(
+                    directory, name, expected_uid=None, max_size=self.cfg.max_message_size + 65536
+                )
             except offline.OfflineError as exc:
                 log.event("offline", "offline", "refused", file=name, reason=str(exc))
                 offline.discard(directory, name)
                 continue
             fd = _memfd(item.message)
             try:
-                send_record(self.channel, {"type": "offline", "name": name,
-                                           "sender": item.sender, "rcpts": item.rcpts,
-                                           "uid": item.uid}, [fd])
+                send_record(
+                    self.channel,
+                    {
+                        "type": "offline",
+                        "name": name,
+                        "sender": item.sender,
+                        "rcpts": item.rcpts,
+                        "uid": item.uid,
+                    },
+                    [fd],
+                )
                 self.offline_pending.add(name)
             except (OSError, ChannelError) as exc:
                 log.event("offline", "offline", "failed", file=name, error=str(exc))
@@ -484,8 +541,9 @@ def read_fd(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _deliver_as_user(entry: pwd.struct_passwd, action: Any, record: dict[str, Any], msgfd: int,
-                     hostname: str) -> dict[str, Any]:
+def _deliver_as_user(
+    entry: pwd.struct_passwd, action: Any, record: dict[str, Any], msgfd: int, hostname: str
+) -> dict[str, Any]:
     """Runs in the forked child: become the user, deliver, return the outcome."""
     extra = None
     if action.method == "mbox":  # /var/mail is group mail on Debian: deliver with that group
@@ -500,9 +558,17 @@ def _deliver_as_user(entry: pwd.struct_passwd, action: Any, record: dict[str, An
     from homemail.queue import Envelope
 
     message = read_fd(msgfd, 1 << 31)
-    env = Envelope(evpid=record["evpid"], sender=record["sender"], rcpt=record["rcpt"],
-                   dest=record["dest"], user=entry.pw_name, action=action.name,
-                   ctime=record["ctime"], expire=0, recovered=bool(record.get("recovered")))
+    env = Envelope(
+        evpid=record["evpid"],
+        sender=record["sender"],
+        rcpt=record["rcpt"],
+        dest=record["dest"],
+        user=entry.pw_name,
+        action=action.name,
+        ctime=record["ctime"],
+        expire=0,
+        recovered=bool(record.get("recovered")),
+    )
     user = LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
     try:
         mda.deliver_local(action, user, env, message, hostname)
@@ -515,13 +581,17 @@ def worker_user(name: str) -> pwd.struct_passwd:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        print(f"homemail: the unprivileged user {name!r} does not exist; create it with\n"
-              f"  useradd --system --home-dir /var/spool/homemail --shell /usr/sbin/nologin "
-              f"{name}\nor pass --user NAME", file=sys.stderr)
+        print(
+            f"homemail: the unprivileged user {name!r} does not exist; create it with\n"
+            f"  useradd --system --home-dir /var/spool/homemail --shell /usr/sbin/nologin "
+            f"{name}\nor pass --user NAME",
+            file=sys.stderr,
+        )
         raise SystemExit(78) from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
-        print(f"homemail: the unprivileged user {name!r} must not have uid or gid 0",
-              file=sys.stderr)
+        print(
+            f"homemail: the unprivileged user {name!r} must not have uid or gid 0", file=sys.stderr
+        )
         raise SystemExit(78)
     return entry
 
@@ -600,9 +670,13 @@ class WorkerChannel:
         try:
             message = read_fd(fd, 1 << 31)
             item = offline.OfflineMessage(
-                name=_text(record, "name"), sender=_text(record, "sender", empty_ok=True),
+                name=_text(record, "name"),
+                sender=_text(record, "sender", empty_ok=True),
                 rcpts=[r for r in record.get("rcpts", []) if isinstance(r, str)],
-                message=message, uid=_int(record, "uid"), time=time.time())
+                message=message,
+                uid=_int(record, "uid"),
+                time=time.time(),
+            )
             ok = await self.on_offline(item)
         except (ChannelError, OSError) as exc:
             log.event("worker", "offline", "failed", error=str(exc))
@@ -610,15 +684,17 @@ class WorkerChannel:
             os.close(fd)
         self.send({"type": "offline-done", "name": record.get("name", ""), "ok": ok})
 
-    async def deliver(self, record: dict[str, Any], message: bytes) -> dict[str, Any]:
+    async def request(self, record: dict[str, Any], message: bytes | None = None) -> dict[str, Any]:
+        """Send a request (with the message as an fd) and wait for the parent's result."""
         ident = self.next_id
         self.next_id += 1
         fut: Any = self.loop.create_future()
         self.pending[ident] = fut
-        fd = _memfd(message)
+        fd = _memfd(message) if message is not None else None
         try:
-            self.send({"type": "deliver", "id": ident, **record}, [fd])
+            self.send({**record, "id": ident}, [fd] if fd is not None else None)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         result: dict[str, Any] = await fut
         return result

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from homemail import __version__, bounce, log, mda, offline
+from homemail import __version__, bounce, credentials, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
 from homemail.aliases import UserDb, current_user
 from homemail.config import (
@@ -96,6 +96,15 @@ def user_paths() -> Paths:
     )
 
 
+def secrets_path(config_path: str | None, user_mode: bool) -> str:
+    """Next to the configuration file; else /etc/homemail or ~/.config/homemail."""
+    if config_path is not None:
+        return os.path.join(os.path.dirname(os.path.abspath(config_path)), "secrets")
+    if not user_mode:
+        return SYSTEM_SECRETS
+    return os.path.join(os.path.dirname(user_aliases_path()), "secrets")
+
+
 def user_aliases_path() -> str:
     home = os.path.expanduser("~")
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
@@ -106,6 +115,7 @@ SYSTEM_CONFIG = "/etc/homemail/smtpd.conf"
 SYSTEM_SPOOL = "/var/spool/homemail"
 SYSTEM_SOCKET = "/run/homemail/control.sock"
 SYSTEM_ALIASES = "/etc/mail/aliases"
+SYSTEM_SECRETS = "/etc/homemail/secrets"
 
 
 def system_default_config() -> str:
@@ -216,8 +226,9 @@ class Daemon:
         self._pickup: asyncio.Future[None] | None = None
         self._stop = asyncio.Event()
         self._signals = 0
-        self._socket_listener = Listener("socket", None, None, None, False,
-                                         Location("<socket>", 0, 0))
+        self._socket_listener = Listener(
+            "socket", None, None, None, False, Location("<socket>", 0, 0)
+        )
 
     def _context(self, cfg: Config) -> ServerContext:
         ctx = ServerContext(
@@ -288,14 +299,26 @@ class Daemon:
             )
         message = await asyncio.to_thread(self.queue.read_message, env.msgid)
         if self.channel is not None:
-            result = await self.channel.deliver(
-                {"action": env.action, "user": env.user, "sender": env.sender, "rcpt": env.rcpt,
-                 "dest": env.dest, "evpid": env.evpid, "ctime": int(env.ctime),
-                 "recovered": env.recovered}, message)
+            result = await self.channel.request(
+                {
+                    "type": "deliver",
+                    "action": env.action,
+                    "user": env.user,
+                    "sender": env.sender,
+                    "rcpt": env.rcpt,
+                    "dest": env.dest,
+                    "evpid": env.evpid,
+                    "ctime": int(env.ctime),
+                    "recovered": env.recovered,
+                },
+                message,
+            )
             if not result.get("ok"):
-                raise mda.DeliveryError(str(result.get("text", "delivery failed")),
-                                        permanent=bool(result.get("permanent")),
-                                        status=str(result.get("status", "4.3.0")))
+                raise mda.DeliveryError(
+                    str(result.get("text", "delivery failed")),
+                    permanent=bool(result.get("permanent")),
+                    status=str(result.get("status", "4.3.0")),
+                )
             return
         await asyncio.to_thread(mda.deliver_local, action, user, env, message, self.hostname)
 
@@ -319,7 +342,10 @@ class Daemon:
         expected = None if os.geteuid() == 0 else os.geteuid()
         try:
             item = await asyncio.to_thread(
-                offline.read, directory, name, expected_uid=expected,
+                offline.read,
+                directory,
+                name,
+                expected_uid=expected,
                 max_size=self.cfg.max_message_size + 65536,
             )
         except offline.OfflineError as exc:
@@ -351,24 +377,31 @@ class Daemon:
         now = time.time()
         try:
             message = build_message(
-                item.message, origin=f"local (uid {item.uid})", hostname=self.hostname,
-                proto="ESMTP", msgid=msgid, now=now, add_ids=True,
+                item.message,
+                origin=f"local (uid {item.uid})",
+                hostname=self.hostname,
+                proto="ESMTP",
+                msgid=msgid,
+                now=now,
+                add_ids=True,
                 single_rcpt=txn.recipients[0].rcpt if len(txn.recipients) == 1 else None,
             )
         except MessageRefused as exc:
             rejected = [(r, exc.reply) for r in item.rcpts]
             txn.recipients = []
             message = item.message
-        envelopes = make_envelopes(txn, msgid, now=now, ttl=self.cfg.queue_ttl, uid=item.uid,
-                                   src="local", helo="")
+        envelopes = make_envelopes(
+            txn, msgid, now=now, ttl=self.cfg.queue_ttl, uid=item.uid, src="local", helo=""
+        )
         for env in envelopes:
             env.offline = name
         try:
             if envelopes:
                 await self.queue.commit(message, envelopes)
             for rcpt, reply in rejected:
-                log.event("offline", "offline", "rejected", file=name, rcpt=f"<{rcpt}>",
-                          result=reply)
+                log.event(
+                    "offline", "offline", "rejected", file=name, rcpt=f"<{rcpt}>", result=reply
+                )
                 await self._offline_bounce(item.sender, rcpt, reply, item.message, now)
         except QueueError as exc:
             log.event("offline", "offline", "failed", file=name, error=str(exc))
@@ -379,8 +412,9 @@ class Daemon:
             self.scheduler.schedule(envelopes)
         return True
 
-    async def _offline_bounce(self, sender: str, rcpt: str, reply: str, original: bytes,
-                              now: float) -> None:
+    async def _offline_bounce(
+        self, sender: str, rcpt: str, reply: str, original: bytes, now: float
+    ) -> None:
         if not sender:
             return
         status = reply.split(" ")[1] if reply.count(" ") >= 1 else "5.0.0"
@@ -389,10 +423,18 @@ class Daemon:
             reporting_mta=self.hostname,
             sender=sender,
             original=original,
-            recipients=[bounce.RecipientStatus(
-                final_recipient=rcpt, original_recipient=None, action="failed", status=status,
-                diagnostic=f"smtp; {reply}", remote_mta=None, last_attempt=now,
-                will_retry_until=None)],
+            recipients=[
+                bounce.RecipientStatus(
+                    final_recipient=rcpt,
+                    original_recipient=None,
+                    action="failed",
+                    status=status,
+                    diagnostic=f"smtp; {reply}",
+                    remote_mta=None,
+                    last_attempt=now,
+                    will_retry_until=None,
+                )
+            ],
             arrival_date=now,
         )
         try:
@@ -442,6 +484,24 @@ class Daemon:
         self.publish("paused" if paused else "resumed", {"subsystem": subsystem})
         if subsystem == "smtp" and not paused:
             self._pickup = asyncio.ensure_future(self.pickup_offline())
+
+    async def store_secret(self, label: str, username: str, password: str) -> str | None:
+        """Keep smarthost credentials (from the tray app); returns None or what is wrong."""
+        try:
+            credentials.check(label, username, password)
+        except credentials.CredentialError as exc:
+            return str(exc)
+        if self.channel is not None:  # only the parent may write the root-only file
+            result = await self.channel.request(
+                {"type": "secret", "label": label, "username": username, "password": password}
+            )
+            return None if result.get("ok") else str(result.get("text", "not stored"))
+        path = secrets_path(self.config_path, self.user_mode)
+        try:
+            await asyncio.to_thread(credentials.store, path, label, username, password)
+        except OSError as exc:
+            return f"cannot write {path}: {exc.strerror}"
+        return None
 
     def aliases_path(self) -> str | None:
         """The aliases file `alias list|add|remove` edit: table "aliases", else an action's."""
@@ -665,8 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run as a single process with the caller's rights, even as root",
     )
-    run.add_argument("--user", default=DEFAULT_USER, metavar="NAME",
-                     help=f"system mode: the unprivileged user of the worker ({DEFAULT_USER})")
+    run.add_argument(
+        "--user",
+        default=DEFAULT_USER,
+        metavar="NAME",
+        help=f"system mode: the unprivileged user of the worker ({DEFAULT_USER})",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     check = sub.add_parser("check-config", help="check the configuration and exit")
     check.add_argument("-f", "--config", metavar="FILE")
@@ -766,9 +830,16 @@ def run_system(args: argparse.Namespace) -> int:
             drop_privileges(entry)
             os.environ["HOME"] = entry.pw_dir
             os.environ["USER"] = os.environ["LOGNAME"] = entry.pw_name
-            daemon = Daemon(cfg, spool=spool, socket_path=socket_path, user_mode=False,
-                            config_path=args.config, bound=bound, control_sock=control_sock,
-                            channel=worker_end)
+            daemon = Daemon(
+                cfg,
+                spool=spool,
+                socket_path=socket_path,
+                user_mode=False,
+                config_path=args.config,
+                bound=bound,
+                control_sock=control_sock,
+                channel=worker_end,
+            )
             asyncio.run(daemon.serve())
         except BaseException as exc:
             log.error(f"worker: {exc!r}")
@@ -782,9 +853,16 @@ def run_system(args: argparse.Namespace) -> int:
         for sock in socks:
             sock.close()
     log.event("parent", "smtpd", "started", worker=pid, user=entry.pw_name)
-    parent = Parent(cfg, parent_end, worker_pid=pid, spool=spool,
-                    hostname=socket.getfqdn() or "localhost", config_path=args.config)
+    parent = Parent(
+        cfg,
+        parent_end,
+        worker_pid=pid,
+        spool=spool,
+        hostname=socket.getfqdn() or "localhost",
+        config_path=args.config,
+    )
     parent.reload_listeners = _rebind
+    parent.secrets_path = secrets_path(args.config, user_mode=False)
     status = parent.run()
     with contextlib.suppress(OSError):
         os.unlink(socket_path)

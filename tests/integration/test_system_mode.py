@@ -15,6 +15,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,7 +44,9 @@ def _useradd(name: str, home: Path | None, system: bool = False) -> None:
     if subprocess.run(["id", name], capture_output=True).returncode == 0:
         subprocess.run(["userdel", "-r", name], capture_output=True)
     cmd = ["useradd", "--shell", "/usr/sbin/nologin"]
-    cmd += ["--system", "--no-create-home"] if system else ["--create-home", "--home-dir", str(home)]
+    cmd += (
+        ["--system", "--no-create-home"] if system else ["--create-home", "--home-dir", str(home)]
+    )
     subprocess.run([*cmd, name], check=True, capture_output=True)
 
 
@@ -84,13 +87,28 @@ class SystemDaemon:
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*HOMEMAIL, "run", "-f", str(self.config), "--spool", str(self.dir / "spool"),
-                 "--socket", str(self.socket), "--user", WORKER_USER, *extra],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                [
+                    *HOMEMAIL,
+                    "run",
+                    "-f",
+                    str(self.config),
+                    "--spool",
+                    str(self.dir / "spool"),
+                    "--socket",
+                    str(self.socket),
+                    "--user",
+                    WORKER_USER,
+                    *extra,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
                 start_new_session=True,
             )
-        assert poll(lambda: port_open(self.port) or self.proc.poll() is not None, 20)
+        assert poll(lambda: "smtpd ready" in self.log() or self.proc.poll() is not None, 20)
         assert self.proc.poll() is None, self.log()
+        assert port_open(self.port), self.log()
         return self
 
     def log(self) -> str:
@@ -201,8 +219,9 @@ def test_only_the_worker_holds_listening_sockets(system: SystemDaemon) -> None:
 def test_deliveries_land_owned_by_each_recipient(system: SystemDaemon, world: Path) -> None:
     system.start()
     with smtplib.SMTP("127.0.0.1", system.port, timeout=10) as client:
-        refused = client.sendmail("alice@example.org", ["team@localhost"],
-                                  b"Subject: for the team\r\n\r\nhello both\r\n")
+        refused = client.sendmail(
+            "alice@example.org", ["team@localhost"], b"Subject: for the team\r\n\r\nhello both\r\n"
+        )
     assert refused == {}
     for name in USERS:
         entry = pwd.getpwnam(name)
@@ -249,6 +268,31 @@ def test_sigterm_stops_parent_and_worker(system: SystemDaemon) -> None:
     assert not system.socket.exists()
 
 
+def test_credentials_from_the_control_socket_land_in_a_root_only_file(
+    system: SystemDaemon,
+) -> None:
+    system.start()
+    ctl = [sys.executable, "-m", "homemail.ctl"]
+    password = "s3cret:with spaces#and-more"
+    result = subprocess.run(
+        [*ctl, "--socket", str(system.socket), "secret", "set", "isp", "me@example.org"],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    secrets = system.config.parent / "secrets"
+    st = secrets.stat()
+    assert (st.st_uid, stat_mode(st)) == (0, 0o600)
+    assert f"isp me@example.org:{password}\n" in secrets.read_text()
+    assert password not in system.log()
+
+
+def stat_mode(st: os.stat_result) -> int:
+    return st.st_mode & 0o7777
+
+
 # -- the channel, spoken directly: what a compromised worker could ask -----------------------
 
 
@@ -256,8 +300,7 @@ def test_sigterm_stops_parent_and_worker(system: SystemDaemon) -> None:
 def parent(world: Path) -> Iterator[tuple[Parent, socket.socket]]:
     cfg = parse_string(CONFIG.format(port=free_port()), "<test>")
     mine, theirs = channel_pair()
-    p = Parent(cfg, mine, worker_pid=-1, spool=str(world), hostname="localhost",
-               config_path=None)
+    p = Parent(cfg, mine, worker_pid=-1, spool=str(world), hostname="localhost", config_path=None)
     theirs.settimeout(5)
     try:
         yield p, theirs
@@ -273,8 +316,9 @@ def _message_fd(data: bytes) -> int:
     return fd
 
 
-def _ask(p: Parent, worker: socket.socket, record: dict[str, object], *, with_fd: bool = True
-         ) -> dict[str, object]:
+def _ask(
+    p: Parent, worker: socket.socket, record: dict[str, object], *, with_fd: bool = True
+) -> dict[str, object]:
     fd = _message_fd(b"Subject: forged\r\n\r\nx\r\n")
     try:
         send_record(worker, record, [fd] if with_fd else None)
@@ -288,8 +332,17 @@ def _ask(p: Parent, worker: socket.socket, record: dict[str, object], *, with_fd
     return reply
 
 
-GOOD = {"type": "deliver", "id": 1, "action": "local", "user": "hmsys1", "sender": "a@b.c",
-        "rcpt": "hmsys1@localhost", "dest": "hmsys1@localhost", "evpid": 1 << 40, "ctime": 1}
+GOOD = {
+    "type": "deliver",
+    "id": 1,
+    "action": "local",
+    "user": "hmsys1",
+    "sender": "a@b.c",
+    "rcpt": "hmsys1@localhost",
+    "dest": "hmsys1@localhost",
+    "evpid": 1 << 40,
+    "ctime": 1,
+}
 
 
 @pytest.mark.parametrize(
@@ -305,8 +358,9 @@ GOOD = {"type": "deliver", "id": 1, "action": "local", "user": "hmsys1", "sender
         ({"sender": 5}, "bad field"),
     ],
 )
-def test_forged_delivery_requests_are_refused(parent: tuple[Parent, socket.socket],
-                                              change: dict[str, object], reason: str) -> None:
+def test_forged_delivery_requests_are_refused(
+    parent: tuple[Parent, socket.socket], change: dict[str, object], reason: str
+) -> None:
     p, worker = parent
     before = {name: _maildir_count(name) for name in (*USERS, "root")}
     reply = _ask(p, worker, {**GOOD, **change})
@@ -325,8 +379,13 @@ def test_request_without_message_fd_is_refused(parent: tuple[Parent, socket.sock
 
 def test_garbage_records_do_not_stop_the_parent(parent: tuple[Parent, socket.socket]) -> None:
     p, worker = parent
-    for junk in (b"not json", b"[]", json.dumps({"v": 2, "type": "deliver"}).encode(),
-                 json.dumps({"v": 1}).encode(), b"{" * 5000):
+    for junk in (
+        b"not json",
+        b"[]",
+        json.dumps({"v": 2, "type": "deliver"}).encode(),
+        json.dumps({"v": 1}).encode(),
+        b"{" * 5000,
+    ):
         worker.send(junk)
         assert p.on_channel() is True
     reply = _ask(p, worker, {**GOOD, "user": "root"})
@@ -350,8 +409,10 @@ def test_a_valid_request_is_delivered_as_the_user(parent: tuple[Parent, socket.s
     reply, _ = got
     assert reply["ok"] is True, reply
     assert _maildir_count("hmsys1") == before + 1
-    newest = max((Path(pwd.getpwnam("hmsys1").pw_dir) / "Maildir" / "new").iterdir(),
-                 key=lambda f: f.stat().st_mtime)
+    newest = max(
+        (Path(pwd.getpwnam("hmsys1").pw_dir) / "Maildir" / "new").iterdir(),
+        key=lambda f: f.stat().st_mtime,
+    )
     assert newest.stat().st_uid == pwd.getpwnam("hmsys1").pw_uid
 
 
