@@ -18,7 +18,8 @@ def test_store_adds_and_replaces_keeping_comments(tmp_path):
         f.write("# my note\n")
     credentials.store(path, "isp", "me@example.org", "new")
     assert credentials.read(path) == {"isp": ("me@example.org", "new"), "backup": ("other", "x")}
-    text = open(path).read()
+    with open(path) as f:
+        text = f.read()
     assert "# my note" in text
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert [n for n in os.listdir(tmp_path) if n != "secrets"] == []

@@ -25,6 +25,7 @@ import pytest
 
 from homemail.config import parse_string
 from homemail.parent import Parent, channel_pair, recv_record, send_record
+
 from .conftest import HOMEMAIL, free_port, poll, port_open
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="system mode and test users need root")
