@@ -25,7 +25,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from homemail import control_protocol as proto
 from homemail import log
@@ -178,8 +178,8 @@ class ControlConnection(asyncio.Protocol):
     # -- connection --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
         sock = transport.get_extra_info("socket")
         try:
             uid, gid, pid = peer_credentials(sock)

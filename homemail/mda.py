@@ -22,7 +22,8 @@ link, has more than one hard link or is not a regular file. A failed write is tr
 :func:`deliver_local` is the dispatch: it expands the action's path template (``%{user.directory}``
 and friends) and calls the right writer.
 
-Everything here is blocking and keeps no global state: the daemon runs these functions in worker
+Everything here is blocking and keeps no global state but the directory-sync coordinator
+(which only lets concurrent deliveries share an fsync): the daemon runs these functions in worker
 threads or in a child process running as the recipient. Failures are reported only by raising
 :class:`DeliveryError`, which tells the caller whether to retry; nothing is logged here.
 """
@@ -35,6 +36,7 @@ import fcntl
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -372,12 +374,56 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+class _DirSync:
+    """Group commit for directory fsyncs: deliveries into the same ``new/`` share one.
+
+    A delivery takes a ticket after its link; a sync that starts after that covers it.  While one
+    thread syncs a directory, the others that linked meanwhile wait and one of them runs the next
+    sync for all of them, so N concurrent deliveries cost far fewer than N directory syncs.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.tickets: dict[str, int] = {}
+        self.covered: dict[str, int] = {}
+        self.running: set[str] = set()
+
+    def sync(self, path: str) -> None:
+        with self.cond:
+            ticket = self.tickets[path] = self.tickets.get(path, 0) + 1
+            while True:
+                if self.covered.get(path, 0) >= ticket:
+                    return
+                if path not in self.running:
+                    self.running.add(path)
+                    target = self.tickets[path]
+                    break
+                self.cond.wait()
+        synced = False
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+                synced = True
+            finally:
+                os.close(fd)
+        finally:
+            with self.cond:
+                self.running.discard(path)
+                if synced:
+                    self.covered[path] = max(self.covered.get(path, 0), target)
+                if len(self.covered) > 4096:  # forget idle directories
+                    for key in [k for k in self.covered if k not in self.running]:
+                        if self.covered[key] >= self.tickets.get(key, 0):
+                            del self.covered[key], self.tickets[key]
+                self.cond.notify_all()
+
+
+_dir_sync = _DirSync()
+
+
 def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _dir_sync.sync(path)
 
 
 def _os_failure(what: str, e: OSError) -> DeliveryError:

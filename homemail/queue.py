@@ -13,22 +13,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import secrets
+import os
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+_random = random.Random(os.urandom(32))  # ids need to be unique, not secret: no syscall each
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
+
+
+def random_bits(bits: int) -> int:
+    return _random.getrandbits(bits)
+
 
 def new_msgid() -> int:
     while True:
-        msgid = secrets.randbits(32)
+        msgid = _random.getrandbits(32)
         if msgid:
             return msgid
 
 
 def new_evpid(msgid: int) -> int:
     while True:
-        low = secrets.randbits(32)
+        low = _random.getrandbits(32)
         if low:
             return (msgid << 32) | low
 
@@ -85,8 +93,8 @@ class Envelope:
         return msgid_of(self.evpid)
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        del data["recovered"]
+        data = {name: getattr(self, name) for name in _STORED}
+        data["dsn_notify"] = list(self.dsn_notify)
         return data
 
     def dumps(self) -> bytes:
@@ -94,8 +102,11 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Envelope:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in _NAMES})
+
+
+_STORED = tuple(f.name for f in dataclasses.fields(Envelope) if f.name != "recovered")
+_NAMES = frozenset(f.name for f in dataclasses.fields(Envelope))
 
 
 class QueueError(Exception):

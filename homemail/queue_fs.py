@@ -440,7 +440,7 @@ class FsQueue(Queue):
         msgid = envelopes[0].msgid
         meta = {"msgid": msgid, "envelopes": [e.to_json() for e in envelopes]}
         rec = _record(b"M", meta, message)
-        envs = [Envelope.from_json(e.to_json()) for e in envelopes]
+        envs = list(envelopes)  # the scheduler's own objects: their state is current
 
         def placed(seg: _Segment, end: int) -> None:
             offset = end - len(message)

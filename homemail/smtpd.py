@@ -23,13 +23,16 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from homemail import __version__, bounce, credentials, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
-from homemail.aliases import UserDb, current_user
+from homemail.aliases import LocalUser, UserDb, current_user
 from homemail.config import (
+    Action,
     Config,
     ConfigError,
     Listener,
@@ -76,6 +79,7 @@ EX_OSERR = 71
 EX_CONFIG = 78
 DRAIN_SECONDS = 10.0
 OFFLINE_SCAN_SECONDS = 60.0
+MDA_THREADS = 8
 USER_MODE_PORT = 2525
 SYSTEM_PORT = 25
 
@@ -153,6 +157,20 @@ def load_config(path: str | None, *, system: bool = False) -> Config:
 Bound = dict[ListenerKey, tuple[Listener, list[socket.socket]]]
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the daemon's event loop: uvloop when the ``speedups`` extra is installed (and
+    ``HOMEMAIL_LOOP=asyncio`` is not set), else asyncio's own."""
+    try:
+        if os.environ.get("HOMEMAIL_LOOP") == "asyncio":
+            raise ImportError("asyncio chosen")
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def listener_port(listener: Listener, user_mode: bool) -> int:
     return listener.port or (USER_MODE_PORT if user_mode else SYSTEM_PORT)
 
@@ -210,12 +228,15 @@ class Daemon:
         self.hostname = socket.getfqdn() or socket.gethostname() or "localhost"
         self.users = UserDb(user_mode=user_mode)
         self.queue: Queue = FsQueue(spool)
+        # deliveries wait on fsync, not the CPU: enough threads for their syncs to be shared
+        self.mda_pool = ThreadPoolExecutor(MDA_THREADS, thread_name_prefix="mda")
         self.scheduler = Scheduler(
             self.queue,
             self.deliver,
             self.submit_bounce,
             hostname=self.hostname,
             warn_intervals=cfg.bounce_warn_interval,
+            parallel=MDA_THREADS,
         )
         self.scheduler.notify = self.publish
         self.ctx = self._context(cfg)
@@ -297,8 +318,8 @@ class Daemon:
             raise mda.DeliveryError(
                 f"user {env.user!r} does not exist", permanent=True, status="5.1.1"
             )
-        message = await asyncio.to_thread(self.queue.read_message, env.msgid)
         if self.channel is not None:
+            message = await asyncio.to_thread(self.queue.read_message, env.msgid)
             result = await self.channel.request(
                 {
                     "type": "deliver",
@@ -320,7 +341,13 @@ class Daemon:
                     status=str(result.get("status", "4.3.0")),
                 )
             return
-        await asyncio.to_thread(mda.deliver_local, action, user, env, message, self.hostname)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.mda_pool, self._deliver_here, action, user, env)
+
+    def _deliver_here(self, action: Action, user: LocalUser, env: Envelope) -> None:
+        """User mode, in a worker thread: read the message and write the mailbox."""
+        message = self.queue.read_message(env.msgid)
+        mda.deliver_local(action, user, env, message, self.hostname)
 
     # -- the offline spool (sendmail while the daemon was down) ------------------------------
 
@@ -568,6 +595,7 @@ class Daemon:
             spool=self.spool,
             control=self.socket_path,
             uid=os.getuid(),
+            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if self.channel is not None:
             self.channel.send({"type": "ready", "queued": len(self.scheduler.envelopes)})
@@ -681,9 +709,11 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await self.queue.close()
+        self.mda_pool.shutdown(wait=False)
         if self.channel is not None:
             self.channel.close()
         log.event("-", "smtpd", "stopped")
+        log.flush()
 
     async def _status_loop(self) -> None:
         assert self.channel is not None
@@ -772,7 +802,7 @@ def run(args: argparse.Namespace) -> int:
         config_path=args.config,
     )
     try:
-        asyncio.run(daemon.serve())
+        run_loop(daemon.serve())
     except OSError as exc:
         log.error(f"cannot start: {exc}")
         return EX_OSERR
@@ -840,7 +870,7 @@ def run_system(args: argparse.Namespace) -> int:
                 control_sock=control_sock,
                 channel=worker_end,
             )
-            asyncio.run(daemon.serve())
+            run_loop(daemon.serve())
         except BaseException as exc:
             log.error(f"worker: {exc!r}")
             code = EX_SOFTWARE

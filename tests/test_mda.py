@@ -562,3 +562,40 @@ def test_delivery_error_is_one_line() -> None:
     assert str(e) == "bad thing here"
     assert e.text == str(e)
     assert (e.permanent, e.status) == (False, "4.2.0")
+
+
+def test_concurrent_deliveries_share_directory_syncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: 16 deliveries racing into one maildir need fewer than 16 dir fsyncs."""
+    import threading
+    import time as _time
+
+    from homemail import mda as mda_module
+
+    real_fsync = os.fsync
+    dir_syncs = []
+
+    def slow_fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            dir_syncs.append(fd)
+            _time.sleep(0.02)  # make the syncs overlap
+        real_fsync(fd)
+
+    monkeypatch.setattr(mda_module.os, "fsync", slow_fsync)
+    errors: list[BaseException] = []
+
+    def deliver(i: int) -> None:
+        try:
+            deliver_maildir(str(tmp_path), MESSAGE, make_delivery(evpid=(1 << 32) + i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(os.listdir(tmp_path / "new")) == 16
+    assert 1 <= len(dir_syncs) < 16

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -323,3 +324,28 @@ def test_homemail_cli_entry_point_exists() -> None:
     result = run_homemail("--version")
     assert result.returncode == 0
     assert "homemail" in result.stdout
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_both_event_loops_serve_smtp_and_control(daemon: Daemon, loop: str) -> None:
+    """uvloop is the ``speedups`` extra; without it (or with HOMEMAIL_LOOP=asyncio) the pure
+    asyncio loop must do everything the same."""
+    if loop == "uvloop":
+        import uvloop  # noqa: F401  - the test setup installs the speedups extra
+    else:
+        daemon.env["HOMEMAIL_LOOP"] = "asyncio"
+    daemon.start()
+    daemon.wait_for_log(rf"smtpd ready .* loop={loop}")
+    tok = token()
+    accepted_msgid(
+        send(daemon, "alice@localhost", [LOCAL_RCPT], f"Subject: {tok}\r\n\r\nx\r\n".encode())
+    )
+    daemon.wait_for_message(tok)
+    status = subprocess.run(
+        [sys.executable, "-m", "homemail.ctl", "--socket", str(daemon.socket), "show", "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert status.returncode == 0, status.stderr
+    assert "smtp: running" in status.stdout
