@@ -503,11 +503,8 @@ async def _alias(c: ControlConnection, req: Request) -> None:
             )
             return
         name = proto.arg_str(req, "name")
-        if req.verb == "alias add":
-            targets = proto.arg_list(req, "targets")
-            await asyncio.to_thread(aliases_file.add, path, name, targets)
-        else:
-            await asyncio.to_thread(aliases_file.remove, path, name)
+        targets = proto.arg_list(req, "targets") if req.verb == "alias add" else []
+        await c.daemon.edit_alias(path, req.verb.split()[1], name, targets)
     except aliases_file.AliasEditError as exc:
         raise ProtocolError(Code(exc.code), str(exc)) from None
     error = await c.daemon.update_table_by_path(path)

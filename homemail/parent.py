@@ -17,11 +17,12 @@ Started as root, homemail splits itself in two, as OpenSMTPD does:
 :data:`MAX_RECORD` bytes) with ``"v": 1`` and a ``"type"``, optionally carrying file descriptors
 (SCM_RIGHTS).  Worker → parent: ``ready`` {queued}, ``status`` {queued}, ``deliver`` {id, action,
 user, sender, rcpt, dest, evpid, ctime, recovered} with the message as one fd (a memfd),
-``offline-done`` {name, ok}, ``secret`` {id, label, username, password} (stored by the parent
-in the root-only secrets file) and ``reload-request``.  Parent → worker: ``result`` {id, ok,
-permanent, status, text}, ``offline`` {name, sender, rcpts, uid} with the message as one fd,
-``reload`` {add, remove} with the new listeners' sockets as fds (or {error}), and ``stop``.
-The parent validates every request it gets: a
+``offline-done`` {name, ok}, ``alias`` {id, op, name, targets} (the parent edits the
+aliases file, which the worker may not write), ``secret`` {id, label, username, password}
+(stored by the parent in the root-only secrets file) and ``reload-request``.
+Parent → worker: ``result`` {id, ok, permanent, status, text}, ``offline`` {name, sender,
+rcpts, uid} with the message as one fd, ``reload`` {add, remove} with the new listeners'
+sockets as fds (or {error}), and ``stop``.  The parent validates every request it gets: a
 compromised worker can only ask for deliveries the configuration allows — an action that exists,
 a user that exists and is not root, and a recipient that the rules and aliases really send to
 that user with that action.
@@ -321,6 +322,8 @@ class Parent:
                 return
             log.event("parent", "credentials", "stored", label=record["label"])
             self.reply_result(ident, ok=True, permanent=False, status="2.0.0", text="stored")
+        elif kind == "alias":
+            self.edit_alias(record)
         elif kind == "reload-request":
             self.reload()
         elif kind == "status":
@@ -340,6 +343,42 @@ class Parent:
                 offline.discard(self.offline_dir(), name)
         else:
             raise ChannelError(f"unknown record type {kind[:32]!r}")
+
+    def edit_alias(self, record: dict[str, Any]) -> None:
+        """The worker may not write /etc/mail/aliases: the parent edits the configured file."""
+        from homemail import aliases
+
+        ident = _int(record, "id")
+        op = _text(record, "op")
+        name = _text(record, "name", limit=256)
+        targets = record.get("targets")
+        if (
+            op not in ("add", "remove")
+            or not isinstance(targets, list)
+            or not all(isinstance(t, str) for t in targets)
+        ):
+            raise ChannelError("malformed alias edit")
+        path = self.aliases_path()
+        try:
+            if path is None:
+                raise aliases.AliasEditError(409, "the configuration names no aliases file")
+            if op == "add":
+                aliases.add(path, name, targets)
+            else:
+                aliases.remove(path, name)
+        except aliases.AliasEditError as exc:
+            self.reply_result(ident, ok=False, permanent=True, status=str(exc.code), text=str(exc))
+            return
+        log.event("parent", "aliases", f"alias-{op}", name=name, file=path)
+        self.reply_result(ident, ok=True, permanent=False, status="2.0.0", text=path)
+
+    def aliases_path(self) -> str | None:
+        names = ["aliases"] + [a.alias for a in self.cfg.actions.values() if a.alias]
+        for table_name in names:
+            table = self.cfg.tables.get(table_name)
+            if table is not None and table.source is not None:
+                return table.source
+        return None
 
     # -- deliveries --------------------------------------------------------------------------
 

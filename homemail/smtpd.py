@@ -30,7 +30,9 @@ from typing import Any
 
 from homemail import __version__, bounce, credentials, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
-from homemail.aliases import LocalUser, UserDb, current_user
+from homemail.aliases import AliasEditError, LocalUser, UserDb, current_user
+from homemail.aliases import add as aliases_add
+from homemail.aliases import remove as aliases_remove
 from homemail.config import (
     Action,
     Config,
@@ -529,6 +531,21 @@ class Daemon:
         except OSError as exc:
             return f"cannot write {path}: {exc.strerror}"
         return None
+
+    async def edit_alias(self, path: str, op: str, name: str, targets: list[str]) -> None:
+        """Add to or remove from the aliases file; in system mode the parent writes it."""
+        if self.channel is not None:
+            result = await self.channel.request(
+                {"type": "alias", "op": op, "name": name, "targets": targets}
+            )
+            if not result.get("ok"):
+                code = 404 if result.get("status") == "404" else 409
+                raise AliasEditError(code, str(result.get("text", "alias edit refused")))
+            return
+        if op == "add":
+            await asyncio.to_thread(aliases_add, path, name, targets)
+        else:
+            await asyncio.to_thread(aliases_remove, path, name)
 
     def aliases_path(self) -> str | None:
         """The aliases file `alias list|add|remove` edit: table "aliases", else an action's."""

@@ -73,8 +73,7 @@ class SystemDaemon:
         self.dir.chmod(0o755)
         self.port = free_port()
         self.config = self.dir / "smtpd.conf"
-        self.config.write_text(CONFIG.format(port=self.port))
-        self.config.chmod(0o644)
+        self.write_config(CONFIG)
         self.socket = self.dir / "control.sock"
         self.notify_path = self.dir / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -83,6 +82,11 @@ class SystemDaemon:
         self.notes: list[str] = []
         self.log_path = self.dir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, template: str, **values: object) -> None:
+        text = template.format(port=self.port, dir=self.dir, **values)
+        self.config.write_text(text)
+        self.config.chmod(0o644)
 
     def start(self, *extra: str) -> SystemDaemon:
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
@@ -292,6 +296,88 @@ def test_credentials_from_the_control_socket_land_in_a_root_only_file(
 
 def stat_mode(st: os.stat_result) -> int:
     return st.st_mode & 0o7777
+
+
+def _ctl(system: SystemDaemon, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "homemail.ctl", "--socket", str(system.socket), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _rcpt(port: int, rcpt: str) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        return client.rcpt(rcpt)[0]
+
+
+FILE_ALIASES = """\
+table aliases file:{dir}/aliases
+listen on 127.0.0.1 port {port}
+action "local" maildir alias <aliases>
+match from local for local action "local"
+"""
+
+
+def test_alias_edits_go_through_the_parent_to_a_root_owned_file(system: SystemDaemon) -> None:
+    aliases = system.dir / "aliases"
+    aliases.write_text("# keep this comment\npostmaster: hmsys1\n")
+    aliases.chmod(0o644)  # root's, readable by the worker, writable only by root
+    system.write_config(FILE_ALIASES)
+    system.start()
+    assert _rcpt(system.port, "helpdesk@localhost") == 550
+    added = _ctl(system, "alias", "add", "helpdesk", "hmsys2")
+    assert added.returncode == 0, added.stderr
+    assert _rcpt(system.port, "helpdesk@localhost") == 250
+    text = aliases.read_text()
+    assert text.startswith("# keep this comment\npostmaster: hmsys1\n")
+    assert "helpdesk: hmsys2" in text
+    assert aliases.stat().st_uid == 0
+    removed = _ctl(system, "alias", "remove", "helpdesk")
+    assert removed.returncode == 0, removed.stderr
+    assert _rcpt(system.port, "helpdesk@localhost") == 550
+    missing = _ctl(system, "alias", "remove", "helpdesk")
+    assert missing.returncode != 0
+    assert "no alias" in missing.stderr
+
+
+TWO_PORTS = """\
+table aliases {{ postmaster = "hmsys1" }}
+listen on 127.0.0.1 port {port}
+listen on 127.0.0.1 port {second}
+action "local" maildir alias <aliases>
+match from local for local action "local"
+"""
+
+
+def test_reload_binds_new_listeners_and_closes_removed_ones(system: SystemDaemon) -> None:
+    system.start()
+    second = free_port()
+    assert not port_open(second)
+    system.write_config(TWO_PORTS, second=second)
+    reloaded = _ctl(system, "reload")
+    assert reloaded.returncode == 0, reloaded.stderr + system.log()
+    assert poll(lambda: port_open(second), 10), system.log()
+    assert _rcpt(second, "postmaster@localhost") == 250
+    system.write_config(CONFIG.replace("port {port}", "port {second}"), second=second)
+    assert system.proc is not None
+    system.proc.send_signal(signal.SIGHUP)
+    assert poll(lambda: not port_open(system.port), 10), system.log()
+    assert port_open(second)
+    assert _socket_inodes(system.proc.pid) & _listening_inodes() == set()
+
+
+def test_invalid_reload_keeps_the_running_configuration(system: SystemDaemon) -> None:
+    system.start()
+    system.write_config(CONFIG + "frobnicate yes\n")
+    result = _ctl(system, "reload")
+    assert result.returncode == 78
+    assert "frobnicate" in result.stderr
+    assert _rcpt(system.port, "team@localhost") == 250
 
 
 # -- the channel, spoken directly: what a compromised worker could ask -----------------------
