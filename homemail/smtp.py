@@ -1,10 +1,11 @@
 """Inbound SMTP: the session state machine on top of aiosmtpd, and the listeners.
 
-aiosmtpd owns the wire: reading commands, DATA with its CR LF . CR LF terminator (a bare LF or CR
-never ends the message, so SMTP smuggling fails), timeouts, and later STARTTLS.  This module
-owns what a mail server decides: the EHLO set, parsing MAIL and RCPT with their ESMTP
-parameters, address validation, rule matching, limits, the headers we add or drop, and handing
-the message to the queue.  A 250 after DATA means the queue has it on disk.
+aiosmtpd owns the wire: reading commands, timeouts, and later STARTTLS.  This module owns what a
+mail server decides: the EHLO set, parsing MAIL and RCPT with their ESMTP parameters, address
+validation, rule matching, limits, the headers we add or drop, and handing the message to the
+queue.  A 250 after DATA means the queue has it on disk.  DATA is read here too, in large chunks
+rather than aiosmtpd's line by line: only CR LF . CR LF ends it (a bare LF or CR never does, so
+SMTP smuggling fails), and bytes pipelined after it go back to the command reader.
 
 Every reply carries an enhanced status code (RFC 3463): replies written here have one, and
 :meth:`Session.push` adds the right one to aiosmtpd's own replies.
@@ -22,7 +23,6 @@ from email.utils import formatdate
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
-from aiosmtpd.smtp import Envelope as WireEnvelope
 
 from homemail import log
 from homemail.address import AddressError, parse_path
@@ -420,15 +420,66 @@ class Session(SMTP):
         await self.push("250 2.1.5 Recipient ok")
 
     async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
         if self.txn is not None and not self.txn.recipients:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
         if self.txn is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
-        await super().smtp_DATA(arg)
-        if self.envelope is not None and not self.envelope.mail_from:
-            self.txn = None  # aiosmtpd reset the envelope: the transaction is over
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await self._read_data()
+        except _TooLarge:
+            self.txn = None
+            status = "552 5.3.4 Message size exceeds fixed maximum message size"
+        else:
+            if content is None:  # the client went away
+                return
+            status = await self.accept(content)
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+    async def _read_data(self) -> bytes | None:
+        """The message up to CR LF . CR LF, dot-unstuffed; None if the connection closed.
+
+        Reads in large chunks instead of line by line.  Only CR LF . CR LF ends the data (a
+        bare LF or CR never does: no SMTP smuggling).  Past the size limit the data is
+        discarded as it arrives and only the terminator is looked for; the caller sees a
+        content longer than the limit.  Bytes after the terminator (pipelined commands) are
+        handed back to the command reader.  Raises _TooLarge once the whole over-sized message
+        has been read.
+        """
+        reader = self._reader
+        limit = self.ctx.max_message_size
+        buf = bytearray(b"\r\n")  # the data starts at a line start
+        searched = 0
+        dropped = 0
+        while True:
+            end = buf.find(b"\r\n.\r\n", max(0, searched - 4))
+            if end >= 0:
+                break
+            searched = len(buf)
+            if len(buf) + dropped > limit + 2 and len(buf) > 8:
+                dropped += len(buf) - 4
+                del buf[:-4]  # keep only what a terminator could start in
+                searched = 0
+            chunk = await reader.read(1 << 40)  # everything buffered, so pushing back is safe
+            if not chunk:
+                return None
+            self._reset_timeout()
+            buf += chunk
+        leftover = bytes(buf[end + 5 :])
+        if leftover:
+            reader.feed_data(leftover)  # the reader's buffer is empty: order is kept
+        if dropped or end > limit:
+            raise _TooLarge
+        del buf[end + 2 :]
+        return bytes(buf.replace(b"\r\n.", b"\r\n"))[2:]
 
     # -- the message -------------------------------------------------------------------------
 
@@ -587,18 +638,18 @@ def log_accepted(
     ctx.notify("received", event)
 
 
+class _TooLarge(Exception):
+    """DATA went over the size limit (the data itself was discarded)."""
+
+
 class _Hooks:
-    """The aiosmtpd handler: only DATA is left to the hook interface."""
+    """The aiosmtpd handler: DATA is read and answered by Session itself."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
 
     def __dir__(self) -> list[str]:  # see Session.__dir__
-        return ["handle_DATA", "handle_exception"]
-
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: WireEnvelope) -> str:
-        content = envelope.original_content or b""
-        return await self.session.accept(content)
+        return ["handle_exception"]
 
     async def handle_exception(self, error: Exception) -> str:
         log.event(self.session.sid, "smtp", "error", error=f"{type(error).__name__}: {error}")

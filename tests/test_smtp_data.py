@@ -1,0 +1,69 @@
+"""The DATA reader on its own: terminator, unstuffing, size limit, pushback of pipelined bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from homemail.smtp import Session, _TooLarge
+
+
+async def read(stream: bytes, limit: int = 1 << 20, chunks: int = 7) -> tuple[object, bytes]:
+    reader = asyncio.StreamReader()
+    step = max(1, len(stream) // chunks)
+    for i in range(0, len(stream), step):
+        reader.feed_data(stream[i : i + step])
+    complete = b"\r\n.\r\n" in b"\r\n" + stream
+    if not complete:
+        reader.feed_eof()  # a client that went away mid-message
+    fake = SimpleNamespace(
+        _reader=reader, ctx=SimpleNamespace(max_message_size=limit), _reset_timeout=lambda: None
+    )
+    try:
+        content: object = await Session._read_data(fake)  # type: ignore[arg-type]
+    except _TooLarge:
+        content = "too large"
+    if complete:
+        reader.feed_eof()
+    rest = await reader.read()
+    return content, rest
+
+
+@pytest.mark.parametrize(
+    ("stream", "content", "rest"),
+    [
+        (b".\r\n", b"", b""),
+        (b"a\r\n.\r\n", b"a\r\n", b""),
+        (b"a\r\n..b\r\n.\r\nQUIT\r\n", b"a\r\n.b\r\n", b"QUIT\r\n"),
+        (b"x\n.\ny\r\n.\r\n", b"x\n.\ny\r\n", b""),
+        (b"x\r\n.\ny\r\n.\r\nRSET\r\n", b"x\r\n\ny\r\n", b"RSET\r\n"),
+        (b"x\r.\r\r\n.\r\n", b"x\r.\r\r\n", b""),
+        (b"a\r\n.\x00\r\n.\r\n", b"a\r\n\x00\r\n", b""),
+        (b"no end\r\n", None, b""),
+    ],
+)
+async def test_terminator_and_unstuffing(stream: bytes, content: bytes | None, rest: bytes):
+    assert await read(stream) == (content, rest)
+
+
+async def test_over_the_limit_is_read_to_the_end_and_refused():
+    body = b"x" * 76 + b"\r\n"
+    content, rest = await read(body * 1000 + b".\r\nQUIT\r\n", limit=10_000, chunks=50)
+    assert (content, rest) == ("too large", b"QUIT\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(max_size=40).filter(lambda b: b"\r\n" not in b), max_size=20),
+    st.integers(min_value=1, max_value=13),
+)
+def test_stuffed_lines_come_back_unchanged(lines: list[bytes], chunks: int):
+    message = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    content, rest = asyncio.run(read(stuffed + b".\r\nNOOP\r\n", chunks=chunks))
+    assert content == message
+    assert rest == b"NOOP\r\n"
