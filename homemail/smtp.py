@@ -159,6 +159,7 @@ class Session(SMTP):
         self.fixed_source = source
         self.source = source or Source("remote", "")
         self.uid = uid
+        self.lost = False
         super().__init__(
             _Hooks(self),
             data_size_limit=ctx.max_message_size,
@@ -192,11 +193,31 @@ class Session(SMTP):
             )
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.ctx.sessions -= 1
-        log.event(self.sid, "smtp", "disconnected", reason="quit" if error is None else "error")
+        if not self.lost:
+            self.lost = True
+            self.ctx.sessions -= 1
+            reason = "quit" if error is None else "error"
+            log.event(self.sid, "smtp", "disconnected", reason=reason)
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session when the client closes its side, dropping the commands
+        # it pipelined before doing so (printf … | nc -N, sendmail -bs fed from a file).
+        # Instead the reader sees the end: what was received is answered, then we close.
+        if self.session is not None and self.session.ssl is not None:
+            return super().eof_received()
+        self._reader.feed_eof()
+        return True
+
+    def end_of_input(self) -> None:
+        """The client closed its side and every command it sent has been answered."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
     async def push(self, status: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost end the session's command loop
+            return
         if isinstance(status, str):
             status = with_enhanced_code(status)
         await super().push(status)
@@ -475,7 +496,9 @@ class Session(SMTP):
             buf += chunk
         leftover = bytes(buf[end + 5 :])
         if leftover:
-            reader.feed_data(leftover)  # the reader's buffer is empty: order is kept
+            # back in front of the reader's (empty) buffer, even after the client's EOF; the
+            # buffer is private API, which aiosmtpd itself relies on for STARTTLS
+            reader._buffer[:0] = leftover  # type: ignore[attr-defined]
         if dropped or end > limit:
             raise _TooLarge
         del buf[end + 2 :]
@@ -652,6 +675,9 @@ class _Hooks:
         return ["handle_exception"]
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.IncompleteReadError):
+            self.session.end_of_input()
+            return ""
         log.event(self.session.sid, "smtp", "error", error=f"{type(error).__name__}: {error}")
         return "451 4.3.0 Internal error, try again later"
 

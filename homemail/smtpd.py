@@ -276,6 +276,11 @@ class Daemon:
     # -- queue entry points ------------------------------------------------------------------
 
     async def enqueue(self, message: bytes, envelopes: list[Envelope]) -> None:
+        # shielded: a session cancelled while the commit is in flight (the client vanished)
+        # must not leave a committed message unscheduled
+        await asyncio.shield(self._enqueue(message, envelopes))
+
+    async def _enqueue(self, message: bytes, envelopes: list[Envelope]) -> None:
         await self.queue.commit(message, envelopes)
         self.scheduler.stats["queue.commit"] += 1
         self.scheduler.schedule(envelopes)
