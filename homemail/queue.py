@@ -133,6 +133,17 @@ class Queue(ABC):
         """The message bytes as received (CRLF line endings); may block on disk."""
 
     @abstractmethod
+    def contains(self, msgid: int) -> bool:
+        """Whether a message with this id is queued (ids must stay unique)."""
+
+    def new_msgid(self) -> int:
+        """A msgid no queued message has."""
+        while True:
+            msgid = new_msgid()
+            if not self.contains(msgid):
+                return msgid
+
+    @abstractmethod
     def load(self) -> list[Envelope]:
         """Recover every envelope still to deliver (called once, at start)."""
 

@@ -302,8 +302,9 @@ class FsQueue(Queue):
             if batch:
                 try:
                     self._write_batch(batch)
-                except OSError as exc:
+                except Exception as exc:  # ENOSPC, EIO, a failed fdatasync …
                     error = exc
+                    self._after_failed_write()
                 seg = self._segments[-1]
                 for item in batch:
                     if error is None and item.after is not None:
@@ -312,8 +313,8 @@ class FsQueue(Queue):
                     item.loop.call_soon_threadsafe(_resolve, item.future, error)
             try:
                 self._maintain()
-            except OSError:
-                pass  # retried at the next pass; the segment stays until it can be released
+            except Exception:  # noqa: S110 - retried at the next pass; the segment stays
+                pass
             if closing and not batch:
                 return
 
@@ -330,6 +331,20 @@ class FsQueue(Queue):
         if any(item.sync for item in batch):
             os.fdatasync(self._active_fd)
         seg.size += len(data)
+
+    def _after_failed_write(self) -> None:
+        """A write or sync failed: no record may follow what may be a torn one.
+
+        The segment is cut back to its last good size; if even that fails, it is sealed and a
+        new one opened, so replay (which stops at a torn record) never hides a later commit.
+        """
+        seg = self._segments[-1]
+        try:
+            os.ftruncate(self._active_fd, seg.size)
+            os.fdatasync(self._active_fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._open_segment(seg.seq + 1)
 
     def _maintain(self) -> None:
         now = time.time()
@@ -434,10 +449,18 @@ class FsQueue(Queue):
 
     # -- the Queue contract ------------------------------------------------------------------
 
+    def contains(self, msgid: int) -> bool:
+        with self._lock:
+            if msgid in self._messages:
+                return True
+        return os.path.exists(self._msgdir(msgid))
+
     async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
         if not envelopes:
             raise QueueError("message without envelopes")
         msgid = envelopes[0].msgid
+        if msgid in self._messages:
+            raise QueueError(f"message id {format_id(msgid)} is in use")
         meta = {"msgid": msgid, "envelopes": [e.to_json() for e in envelopes]}
         rec = _record(b"M", meta, message)
         envs = list(envelopes)  # the scheduler's own objects: their state is current
@@ -496,10 +519,11 @@ class FsQueue(Queue):
             if in_journal:
                 self._envelopes.pop(evpid, None)
                 self._forget(evpid)
-        if in_journal:
-            await self._submit([_record(b"D", {"evpid": evpid})], sync=False)
-        else:
+        if not in_journal:
             await asyncio.to_thread(self._remove_file, evpid)
+        # also for a message already moved to queue/: its M record may still be in a segment
+        # kept back (a failed release), and must not come back at the next start
+        await self._submit([_record(b"D", {"evpid": evpid})], sync=False)
 
     def _remove_file(self, evpid: int) -> None:
         with self._lock:

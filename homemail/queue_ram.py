@@ -28,6 +28,9 @@ class RamQueue(Queue):
         if not any(e.msgid == envelope.msgid for e in self.envelopes.values()):
             self.messages.pop(envelope.msgid, None)
 
+    def contains(self, msgid: int) -> bool:
+        return msgid in self.messages
+
     def read_message(self, msgid: int) -> bytes:
         try:
             return self.messages[msgid]

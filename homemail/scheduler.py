@@ -25,6 +25,10 @@ LOCAL_RETRY_BASE = 10.0
 MAX_PARALLEL = 8
 
 
+class NoRoute(Exception):
+    """A DSN's recipient cannot be reached at all (raised by submit_bounce): it is dropped."""
+
+
 @dataclass
 class Outcome:
     ok: bool
@@ -77,14 +81,16 @@ class Scheduler:
     def schedule_now(self, evpid: int | None = None) -> int:
         """Make one envelope (or all, for None) due now; returns how many."""
         now = time.time()
-        count = 0
-        for env in self.envelopes.values():
-            if evpid is None or env.evpid == evpid:
-                env.next_try = now
-                heapq.heappush(self._heap, (now, env.evpid))
-                count += 1
+        if evpid is None:
+            chosen = list(self.envelopes.values())
+        else:
+            env = self.envelopes.get(evpid)
+            chosen = [env] if env is not None else []
+        for env in chosen:
+            env.next_try = now
+            heapq.heappush(self._heap, (now, env.evpid))
         self._wakeup.set()
-        return count
+        return len(chosen)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -126,7 +132,13 @@ class Scheduler:
                 outcome = Outcome(False, exc.permanent, exc.status, exc.text)
             except Exception as exc:  # a bug or I/O failure: never lose the envelope
                 outcome = Outcome(False, False, "4.3.0", log.sanitize(f"internal error: {exc}"))
-            await self._settle(env, outcome, start)
+            try:
+                await self._settle(env, outcome, start)
+            except Exception as exc:  # the queue could not record the result: try again later
+                log.event(format_id(env.evpid), "scheduler", "error", error=log.sanitize(str(exc)))
+                if env.evpid in self.envelopes:
+                    env.next_try = time.time() + 60.0
+                    heapq.heappush(self._heap, (env.next_try, env.evpid))
         finally:
             self.running.discard(env.evpid)
             self._slots.release()
@@ -168,8 +180,14 @@ class Scheduler:
             )
         if outcome.permanent:
             self.stats["scheduler.delivery.permfail"] += 1
-            await self._dsn("failure", env, outcome)
-            await self._done(env)
+            if await self._dsn("failure", env, outcome):
+                await self._done(env)
+                return
+            # the failure notice could not be queued: keep the envelope and try again later
+            outcome = Outcome(False, False, outcome.status, outcome.text)
+            env.next_try = now + 300.0
+            await self.queue.update(env)
+            heapq.heappush(self._heap, (env.next_try, env.evpid))
             return
         self.stats["scheduler.delivery.tempfail"] += 1
         env.retry += 1
@@ -207,14 +225,15 @@ class Scheduler:
             kind
         ] in env.dsn_notify
 
-    async def _dsn(self, kind: str, env: Envelope, outcome: Outcome) -> None:
+    async def _dsn(self, kind: str, env: Envelope, outcome: Outcome) -> bool:
+        """Queue a DSN if one is due; False only when a due one could not be queued."""
         if not self._wants(kind, env):
-            return
+            return True
         try:
             original = self.queue.read_message(env.msgid)
         except Exception as exc:
             log.event(format_id(env.evpid), "bounce", "failed", error=str(exc))
-            return
+            return False
         orcpt = env.dsn_orcpt.partition(";")[2] if env.dsn_orcpt else None
         action = {"failure": "failed", "delay": "delayed", "success": "delivered"}[kind]
         status = outcome.status
@@ -254,11 +273,17 @@ class Scheduler:
                 rcpt=f"<{env.rcpt}>",
                 stat=status,
             )
+        except NoRoute as exc:
+            log.event(format_id(env.evpid), "bounce", "dropped", to=f"<{env.sender}>",
+                      error=log.sanitize(str(exc)))
+            return True
         except Exception as exc:
             log.event(
                 format_id(env.evpid),
                 "bounce",
-                "dropped",
+                "not-queued",
                 to=f"<{env.sender}>",
                 error=log.sanitize(str(exc)),
             )
+            return False
+        return True

@@ -126,6 +126,7 @@ class ServerContext:
         self.sessions = 0
         self.total_sessions = 0
         self.notify: Callable[[str, dict[str, Any]], None] = lambda name, data: None
+        self.new_msgid: Callable[[], int] = new_msgid  # the daemon's checks the queue
 
 
 class Session(SMTP):
@@ -510,7 +511,7 @@ class Session(SMTP):
         txn = self.txn
         self.txn = None
         assert txn is not None and self.session is not None
-        msgid = new_msgid()
+        msgid = self.ctx.new_msgid()
         now = time.time()
         proto = "ESMTP" if self.session.extended_smtp else "SMTP"
         if self.source.kind == "socket":

@@ -54,10 +54,10 @@ from homemail.parent import (
     drop_privileges,
     worker_user,
 )
-from homemail.queue import Envelope, Queue, QueueError, new_evpid, new_msgid
+from homemail.queue import Envelope, Queue, QueueError, new_evpid
 from homemail.queue_fs import FsQueue
 from homemail.ruleset import LOCAL_SOURCE, Rejected, Ruleset
-from homemail.scheduler import Scheduler
+from homemail.scheduler import NoRoute, Scheduler
 from homemail.smtp import (
     ListenerKey,
     MessageRefused,
@@ -264,6 +264,7 @@ class Daemon:
             enqueue=self.enqueue,
         )
         ctx.notify = self.publish
+        ctx.new_msgid = self.queue.new_msgid
         return ctx
 
     def publish(self, name: str, data: dict[str, object]) -> None:
@@ -289,12 +290,12 @@ class Daemon:
         try:
             address = parse_mailbox(rcpt)
         except AddressError as exc:
-            raise QueueError(f"bounce recipient unusable: {exc}") from None
+            raise NoRoute(f"bounce recipient unusable: {exc}") from None
         try:
             targets = self.ctx.ruleset.route(LOCAL_SOURCE, address)
         except Rejected as exc:
-            raise QueueError(f"no route for the bounce: {exc.reply}") from None
-        msgid = new_msgid()
+            raise NoRoute(f"no route for the bounce: {exc.reply}") from None
+        msgid = self.queue.new_msgid()
         now = time.time()
         envs = [
             Envelope(
@@ -407,7 +408,7 @@ class Daemon:
                 rejected.append((rcpt, exc.reply))
                 continue
             txn.recipients.append(Recipient(rcpt=str(address), targets=targets))
-        msgid = new_msgid()
+        msgid = self.queue.new_msgid()
         now = time.time()
         try:
             message = build_message(
@@ -473,7 +474,7 @@ class Daemon:
         )
         try:
             await self.submit_bounce(sender, message)
-        except QueueError as exc:
+        except (QueueError, NoRoute) as exc:
             log.event("offline", "bounce", "dropped", to=f"<{sender}>", error=str(exc))
 
     async def _offline_loop(self) -> None:

@@ -185,3 +185,48 @@ async def test_group_commit_many_concurrent(tmp_path):
     for i, e in enumerate(batches):
         assert q.read_message(e[0].msgid) == f"m{i}\r\n".encode()
     await q.close()
+
+
+async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch):
+    """A failed fdatasync (disk full, EIO) fails that commit only: what follows is readable
+    and survives a restart."""
+    import homemail.queue_fs as queue_fs
+
+    q = FsQueue(str(tmp_path))
+    q.load()
+    real = os.fdatasync
+    calls = {"n": 0}
+
+    def failing_once(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(queue_fs.os, "fdatasync", failing_once)
+    lost = envelopes()
+    with pytest.raises(QueueError):
+        await q.commit(b"first\r\n", lost)
+    kept = envelopes()
+    await q.commit(b"second\r\n", kept)
+    assert q.read_message(kept[0].msgid) == b"second\r\n"
+    monkeypatch.setattr(queue_fs.os, "fdatasync", real)
+    q, loaded = await reopen(q, str(tmp_path))
+    assert [e.evpid for e in loaded] == [kept[0].evpid]
+    assert q.read_message(kept[0].msgid) == b"second\r\n"
+    await q.close()
+
+
+async def test_message_ids_stay_unique(tmp_path):
+    q = FsQueue(str(tmp_path))
+    q.load()
+    envs = envelopes()
+    await q.commit(b"x\r\n", envs)
+    assert q.contains(envs[0].msgid)
+    clash = envelopes()
+    clash[0].evpid = (envs[0].msgid << 32) | 7
+    with pytest.raises(QueueError):
+        await q.commit(b"other\r\n", clash)
+    assert q.read_message(envs[0].msgid) == b"x\r\n"
+    assert not q.contains(q.new_msgid())
+    await q.close()
