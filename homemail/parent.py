@@ -48,11 +48,13 @@ from homemail.address import AddressError, parse_mailbox
 from homemail.aliases import UserDb
 from homemail.config import Config, ConfigError
 from homemail.ruleset import Rejected, Ruleset, Source
+from homemail.table import TableError
 
 VERSION = 1
 MAX_RECORD = 64 * 1024
 MAX_FDS = 64
 MAX_CHILDREN = 8
+MAX_WAITING = 1024
 OFFLINE_SCAN_SECONDS = 60.0
 DEFAULT_USER = "_homemail"
 
@@ -290,20 +292,30 @@ class Parent:
             log.event(
                 "parent", "channel", "refused", type=str(record.get("type"))[:32], reason=str(exc)
             )
+            # temporary: a refusal may come from a table the parent has not re-read yet
             if isinstance(record.get("id"), int):
-                self.reply_result(
-                    record["id"],
-                    ok=False,
-                    permanent=True,
-                    status="5.7.1",
-                    text=f"refused by the parent: {exc}",
-                )
+                self.reply_result(record["id"], ok=False, permanent=False, status="4.3.0",
+                                  text=f"refused by the parent: {exc}")
             for fd in fds:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        except Exception as exc:  # the parent must outlive anything a request does to it
+            log.event("parent", "channel", "error", type=str(record.get("type"))[:32],
+                      error=repr(exc))
+            if isinstance(record.get("id"), int):
+                self.reply_result(record["id"], ok=False, permanent=False, status="4.3.0",
+                                  text="the parent could not carry out the request")
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         return True
 
     def handle(self, record: dict[str, Any], fds: list[int]) -> None:
         kind = record["type"]
+        if kind != "deliver":
+            for fd in fds:  # only deliveries carry a descriptor
+                os.close(fd)
+            fds = []
         if kind == "ready":
             queued = _int(record, "queued")
             sd_notify(f"READY=1\nSTATUS=queue: {queued}\nMAINPID={os.getpid()}")
@@ -333,6 +345,8 @@ class Parent:
                 raise ChannelError("deliver needs exactly one message fd")
             self.validate_delivery(record)
             if len(self.children) >= MAX_CHILDREN:
+                if len(self.waiting) >= MAX_WAITING:
+                    raise ChannelError("too many deliveries waiting")
                 self.waiting.append((record, fds[0]))
             else:
                 self.spawn(record, fds[0])
@@ -404,21 +418,33 @@ class Parent:
             address = parse_mailbox(rcpt, allow_bare_postmaster=True)
         except AddressError:
             raise ChannelError("malformed recipient") from None
-        allowed = False
+        if not self._routes_to(address, action_name, entry.pw_name, dest):
+            # the worker may have re-read a table (alias add, newaliases): so do we, once
+            self.refresh_tables()
+            if not self._routes_to(address, action_name, entry.pw_name, dest):
+                raise ChannelError(
+                    "the configuration does not deliver this recipient to this user"
+                )
+        return entry
+
+    def _routes_to(self, address: Any, action: str, user: str, dest: str) -> bool:
         for source in (Source("socket", ""), Source("remote", "")):
             try:
                 targets = self.ruleset.route(source, address)
             except Rejected:
                 continue
-            if any(
-                t.action == action_name and t.user == entry.pw_name and t.dest == dest
-                for t in targets
-            ):
-                allowed = True
-                break
-        if not allowed:
-            raise ChannelError("the configuration does not deliver this recipient to this user")
-        return entry
+            if any(t.action == action and t.user == user and t.dest == dest for t in targets):
+                return True
+        return False
+
+    def refresh_tables(self) -> None:
+        for name, table in list(self.cfg.tables.items()):
+            if table.source is not None:
+                try:
+                    self.cfg.tables[name] = table.reloaded()
+                except TableError as exc:
+                    log.event("parent", "table", "error", table=name, error=str(exc))
+        self.ruleset = Ruleset(self.cfg, self.users, self.hostname)
 
     def spawn(self, record: dict[str, Any], msgfd: int) -> None:
         entry = pwd.getpwnam(record["user"])
@@ -453,18 +479,21 @@ class Parent:
         del self.children[fd]
         try:
             result = json.loads(child.output)
-        except ValueError:
-            result = {
-                "ok": False,
-                "permanent": False,
-                "status": "4.3.0",
-                "text": "delivery process failed",
-            }
-        self.reply_result(child.request_id, **result)
+            self.reply_result(child.request_id, ok=result["ok"] is True,
+                              permanent=result["permanent"] is True,
+                              status=str(result["status"]), text=str(result["text"]))
+        except (ValueError, KeyError, TypeError):
+            self.reply_result(child.request_id, ok=False, permanent=False, status="4.3.0",
+                              text="delivery process failed")
         self.reap()
-        if self.waiting and len(self.children) < MAX_CHILDREN:
+        while self.waiting and len(self.children) < MAX_CHILDREN:
             record, msgfd = self.waiting.pop(0)
-            self.spawn(record, msgfd)
+            try:
+                self.spawn(record, msgfd)
+            except OSError as exc:  # fork or pipe failed: this one is retried later
+                os.close(msgfd)
+                self.reply_result(record["id"], ok=False, permanent=False, status="4.3.0",
+                                  text=f"cannot start the delivery: {exc.strerror}")
 
     def reply_result(
         self, request_id: int, *, ok: bool, permanent: bool, status: str, text: str

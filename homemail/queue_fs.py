@@ -152,8 +152,8 @@ class FsQueue(Queue):
     def load(self) -> list[Envelope]:
         for d in (self.spool, self.journal_dir, self.queue_dir, self.incoming_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        shutil.rmtree(self.incoming_dir, ignore_errors=True)
-        os.makedirs(self.incoming_dir, mode=0o700, exist_ok=True)
+        for entry in os.listdir(self.incoming_dir):  # moves cut short by a crash
+            shutil.rmtree(os.path.join(self.incoming_dir, entry), ignore_errors=True)
 
         names = sorted(n for n in os.listdir(self.journal_dir) if n.endswith(".log"))
         last_seq = 0

@@ -21,6 +21,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Coroutine
@@ -833,25 +834,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prepare_system_spool(spool: str, uid: int, gid: int) -> None:
-    """The spool belongs to the worker; offline/ is where any user's sendmail may drop mail."""
+    """Lay out the system spool as OpenSMTPD does, without following any symlink.
+
+    The spool itself is root's (0711), so the worker cannot swap its entries for links that
+    would make root chown or chmod something else at the next start; ``journal``, ``queue``
+    and ``incoming`` are the worker's (0700); ``offline`` is root's, sticky and world-writable
+    (1777) for sendmail, and only the parent reads it.
+    """
     os.makedirs(spool, mode=0o711, exist_ok=True)
-    st = os.lstat(spool)
-    if not os.path.isdir(spool) or os.path.islink(spool):
-        raise OSError(f"{spool} is not a directory")
-    if st.st_uid != uid or st.st_gid != gid:
-        os.chown(spool, uid, gid)
-    os.chmod(spool, 0o711)  # noqa: S103 - users reach offline/ through it
+    _own_directory(spool, 0, 0, 0o711)
     for name in ("journal", "queue", "incoming"):
-        path = os.path.join(spool, name)
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        for root, dirs, files in os.walk(path):
-            for entry in (*dirs, *files):
-                os.lchown(os.path.join(root, entry), uid, gid)
-        os.chown(path, uid, gid)
-    offline_dir = os.path.join(spool, "offline")
-    os.makedirs(offline_dir, exist_ok=True)
-    os.chown(offline_dir, 0, 0)
-    os.chmod(offline_dir, 0o1777)  # noqa: S103 - sticky, like /tmp
+        _own_directory(os.path.join(spool, name), uid, gid, 0o700)
+    _own_directory(os.path.join(spool, "offline"), 0, 0, 0o1777)
+
+
+def _own_directory(path: str, uid: int, gid: int, mode: int) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def run_system(args: argparse.Namespace) -> int:

@@ -522,3 +522,115 @@ def shared_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     finally:
         for d in made:
             d.cleanup()
+
+
+# -- homemailctl and the control socket ------------------------------------------------------
+
+CTL_SCRIPT = Path(sys.executable).with_name("homemailctl")
+HOMEMAILCTL: list[str] = (
+    [str(CTL_SCRIPT)] if CTL_SCRIPT.exists() else [sys.executable, "-m", "homemail.ctl"]
+)
+
+
+def ctl_env(daemon: Daemon, **extra: str) -> dict[str, str]:
+    """The daemon's environment with ``HOMEMAIL_SOCKET`` and ``HOMEMAIL_OFFLINE`` pointing at it."""
+    env = {
+        **daemon.env,
+        "HOMEMAIL_SOCKET": str(daemon.socket),
+        "HOMEMAIL_OFFLINE": str(daemon.spool / "offline"),
+    }
+    env.update(extra)
+    return env
+
+
+def run_ctl(
+    daemon: Daemon,
+    *args: str,
+    input: str | bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess[str]:
+    """``homemailctl --socket SOCKET ARGS…`` as a subprocess; stdout and stderr as text."""
+    return subprocess.run(
+        [*HOMEMAILCTL, "--socket", str(daemon.socket), *args],
+        input=input.decode() if isinstance(input, bytes) else (input or ""),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or ctl_env(daemon),
+    )
+
+
+class LineReader:
+    """The stdout of a running subprocess, line by line, read by a thread; wait with deadlines."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        import queue
+        import threading
+
+        assert proc.stdout is not None
+        self.proc = proc
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            self._queue.put(raw.decode("utf-8", "replace").rstrip("\n"))
+        self._queue.put(None)
+
+    def _drain(self, timeout: float) -> bool:
+        """Move what arrived into ``lines``, waiting up to ``timeout`` for a line; False at EOF."""
+        import queue
+
+        try:
+            item = self._queue.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return True
+        while item is not None:
+            self.lines.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+        self._queue.put(None)  # EOF stays visible to the next call
+        return False
+
+    def mark(self) -> int:
+        """A position in ``lines``; pass it as ``since`` to look only at what comes after."""
+        self._drain(0)
+        return len(self.lines)
+
+    def expect(
+        self, pattern: str, *, since: int = 0, timeout: float = DELIVERY_TIMEOUT
+    ) -> re.Match[str]:
+        """The first line at index ``since`` or later matching ``pattern``; fail at the deadline."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        checked = since
+        while True:
+            for line in self.lines[checked:]:
+                m = regex.search(line)
+                if m:
+                    return m
+            checked = max(checked, len(self.lines))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not self._drain(min(left, 0.2)) and len(self.lines) == checked:
+                break  # EOF and nothing new
+        pytest.fail(
+            f"no line /{pattern}/ within {timeout:.0f} s (exit status {self.proc.poll()}); got:\n"
+            + "\n".join(self.lines[since:])
+        )
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()

@@ -452,7 +452,7 @@ def test_forged_delivery_requests_are_refused(
     before = {name: _maildir_count(name) for name in (*USERS, "root")}
     reply = _ask(p, worker, {**GOOD, **change})
     assert reply["type"] == "result" and reply["id"] == 1
-    assert reply["ok"] is False and reply["permanent"] is True
+    assert reply["ok"] is False and reply["status"] == "4.3.0"
     assert reason in str(reply["text"]), reply
     assert p.children == {}, "a refused request must not fork a delivery"
     assert {name: _maildir_count(name) for name in before} == before
@@ -509,3 +509,37 @@ def _maildir_count(user: str) -> int:
         return len(list(new.iterdir()))
     except OSError:
         return 0
+
+
+def test_a_symlink_planted_in_the_spool_is_refused_not_followed(system: SystemDaemon) -> None:
+    """The worker owns journal/: had it swapped it for a link, root must not chown the target."""
+    spool = system.dir / "spool"
+    target = system.dir / "precious"
+    target.mkdir(mode=0o700)
+    spool.mkdir(mode=0o711)
+    (spool / "journal").symlink_to(target)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [
+            *HOMEMAIL,
+            "run",
+            "-f",
+            str(system.config),
+            "--spool",
+            str(spool),
+            "--socket",
+            str(system.socket),
+            "--user",
+            WORKER_USER,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode != 0
+    assert "cannot start" in result.stderr
+    st = target.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)
+    assert not port_open(system.port)
