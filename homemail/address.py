@@ -66,6 +66,8 @@ def check_domain(domain: str, *, utf8: bool = True) -> None:
         if not domain.endswith("]"):
             raise AddressError("malformed address literal")
         literal = domain[1:-1]
+        if "%" in literal:  # no scope ids: nothing but an address belongs in a literal
+            raise AddressError("malformed address literal")
         try:
             if literal[:5].lower() == "ipv6:":
                 ipaddress.IPv6Address(literal[5:])

@@ -41,6 +41,7 @@ MAX_CONNECTIONS_PRIVILEGED = 256
 CHUNK_ENVELOPES = 500
 CHUNK_BYTES = 32 * 1024
 IDLE_TIMEOUT = 300.0
+MAX_UNREAD = 8 << 20  # bytes of replies a client may leave unread before it is dropped
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,30 @@ class Monitor:
         if not self.subscribers:
             return
         for conn, req_id in list(self.subscribers.items()):
-            if conn.may_see_event(data):
+            if not conn.may_see_event(data):
+                continue
+            try:
                 conn.send(proto.event(req_id, name, data))
+            except ProtocolError:  # e.g. text that cannot be encoded: that event is skipped
+                continue
 
 
 def bind_control_socket(path: str, *, private_dir: bool) -> socket.socket:
     """Bind the control socket (world-connectable: access is checked per verb)."""
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, mode=0o700 if private_dir else 0o755, exist_ok=True)
+    if private_dir:  # e.g. /tmp/homemail-UID/homemail: nobody else may own or enter it
+        above = os.path.dirname(parent)
+        for directory in (
+            (parent, above) if os.path.basename(above).startswith("homemail-") else (parent,)
+        ):
+            st_dir = os.lstat(directory)
+            if (
+                not stat.S_ISDIR(st_dir.st_mode)
+                or st_dir.st_uid != os.geteuid()
+                or st_dir.st_mode & 0o077
+            ):
+                raise OSError(f"{directory} must be a directory of yours with mode 0700")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -173,6 +190,7 @@ class ControlConnection(asyncio.Protocol):
         self.worker: asyncio.Task[None] | None = None
         self.switched = False
         self.closed = False
+        self.released = False
         self.idle: asyncio.TimerHandle | None = None
 
     # -- connection --------------------------------------------------------------------------
@@ -198,14 +216,18 @@ class ControlConnection(asyncio.Protocol):
         self.worker = asyncio.get_running_loop().create_task(self._serve())
         self._touch()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.peer is not None:
+    def _release_slot(self) -> None:
+        if self.peer is not None and not self.released:
+            self.released = True
             left = self.server.per_uid.get(self.peer.uid, 1) - 1
             if left <= 0:
                 self.server.per_uid.pop(self.peer.uid, None)
             else:
                 self.server.per_uid[self.peer.uid] = left
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._release_slot()
         self.server.monitor.subscribers.pop(self, None)
         if self.idle is not None:
             self.idle.cancel()
@@ -225,7 +247,20 @@ class ControlConnection(asyncio.Protocol):
 
     def send(self, frame: bytes) -> None:
         if self.transport is not None and not self.closed:
+            if self.transport.get_write_buffer_size() > MAX_UNREAD:
+                self.close()  # a client that does not read what it asked for
+                return
             self.transport.write(frame)
+
+    async def drained(self) -> bool:
+        """Wait until the client has read most of what was sent; False if it went away."""
+        while (
+            not self.closed
+            and self.transport is not None
+            and self.transport.get_write_buffer_size() > 1 << 20
+        ):
+            await asyncio.sleep(0.02)
+        return not self.closed
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -295,8 +330,13 @@ class ControlConnection(asyncio.Protocol):
         assert self.peer is not None
         if self.peer.privileged:
             return True
-        if "uid" in data or "user" in data:
-            return data.get("uid") == self.peer.uid or data.get("user") == self.peer.user
+        if "uid" in data or "user" in data or "users" in data:
+            users = data.get("users")
+            return (
+                data.get("uid") == self.peer.uid
+                or data.get("user") == self.peer.user
+                or (isinstance(users, list) and self.peer.user in users)
+            )
         return True
 
     def visible(self) -> Iterable[Envelope]:
@@ -330,6 +370,7 @@ class ControlConnection(asyncio.Protocol):
     def switch_to_smtp(self) -> None:
         assert self.transport is not None and self.peer is not None
         self.switched = True
+        self._release_slot()  # the SMTP session that takes over is not a control connection
         if self.idle is not None:
             self.idle.cancel()
         leftover = bytes(self.buffer)
@@ -364,9 +405,9 @@ async def _show_queue(c: ControlConnection, req: Request) -> None:
             c.send(proto.event(req.id, "items", {"items": items}))
             count += len(items)
             items = []
-            await asyncio.sleep(0)  # let other clients in while a big queue streams out
-            if c.closed:
+            if not await c.drained():  # and let other clients in while a big queue streams
                 return
+            await asyncio.sleep(0)
     if items:
         c.send(proto.event(req.id, "items", {"items": items}))
         count += len(items)
@@ -396,8 +437,8 @@ async def _show_message(c: ControlConnection, req: Request) -> None:
     for start in range(0, len(data), CHUNK_BYTES):
         chunk = base64.b64encode(data[start : start + CHUNK_BYTES]).decode("ascii")
         c.send(proto.event(req.id, "chunk", {"b64": chunk}))
-        if c.transport is not None and c.transport.get_write_buffer_size() > 1 << 20:
-            await asyncio.sleep(0.01)
+        if not await c.drained():
+            return
     c.send(proto.reply_ok(req.id, {"size": len(data)}))
 
 

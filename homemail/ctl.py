@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -35,6 +36,7 @@ import pwd
 import re
 import secrets
 import socket
+import struct
 import sys
 import threading
 import time
@@ -207,6 +209,22 @@ class ControlClient:
             sock.close()
             raise
         self.sock = sock
+        self._check_peer(sock)
+
+    def _check_peer(self, sock: socket.socket) -> None:
+        """Talk only to a daemon run by root, by us, or by the system daemon's user: a socket
+        someone else planted (a predictable path under /tmp) must not receive our mail."""
+        if not hasattr(socket, "SO_PEERCRED"):
+            return
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        trusted = {0, os.geteuid()}
+        with contextlib.suppress(KeyError):
+            trusted.add(pwd.getpwnam("_homemail").pw_uid)
+        if uid not in trusted:
+            self.close()
+            raise Exit(EX_NOPERM, f"refusing the socket {clean(self.path)}: it is served by "
+                       f"uid {uid}, not by root, you or _homemail")
 
     def close(self) -> None:
         if self.sock is not None:
@@ -234,7 +252,15 @@ class ControlClient:
             frame = proto.request(ident, verb, **args)
         except ProtocolError as exc:
             raise Exit(EX_DATAERR, exc.message) from None
-        self._conn().sendall(frame)
+        try:
+            self._conn().sendall(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            # the daemon may have refused the connection (too many) before reading a byte:
+            # its reply is what to report
+            reply = proto.decode_reply(self._read_line())
+            if not reply.ok:
+                raise CtlError(reply.code, reply.message) from None
+            raise ConnectionClosed() from None
         return ident
 
     def _read_line(self) -> bytes:

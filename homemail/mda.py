@@ -184,11 +184,13 @@ def _already_delivered(new_dir: str, cur_dir: str, name: str, recovered: bool) -
     if os.path.lexists(new_path):
         return new_path
     if recovered:
-        prefix = name + ":"
-        with os.scandir(cur_dir) as entries:
-            for entry in entries:
-                if entry.name == name or entry.name.startswith(prefix):
-                    return entry.path
+        # by envelope id alone: the host name in the file name may have changed since
+        marker = "." + name.split(".")[1] + "."
+        for directory in (new_dir, cur_dir):
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if marker in entry.name:
+                        return entry.path
     return None
 
 
@@ -275,6 +277,8 @@ def _check_mailbox(st: os.stat_result) -> None:
         problem = "is not a regular file"
     elif st.st_nlink != 1:
         problem = "has more than one hard link"
+    elif st.st_uid != os.geteuid():  # deliveries run as the recipient: it must be theirs
+        problem = "belongs to someone else"
     else:
         return
     raise DeliveryError(f"mbox: mailbox {problem}", permanent=False, status="4.2.0")

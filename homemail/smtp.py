@@ -650,13 +650,32 @@ def log_accepted(
     proto: str,
     uid: int,
 ) -> None:
-    log.event(sid, "smtp", "message", msgid=format_id(msgid), size=len(message),
-              nrcpt=len(txn.recipients), proto=proto)
+    log.event(
+        sid,
+        "smtp",
+        "message",
+        msgid=format_id(msgid),
+        size=len(message),
+        nrcpt=len(txn.recipients),
+        proto=proto,
+    )
     for env in envelopes:
-        log.event(sid, "smtp", "envelope", evpid=format_id(env.evpid), from_=f"<{env.sender}>",
-                  to=f"<{env.rcpt}>", dest=env.dest)
-    event: dict[str, Any] = {"msgid": format_id(msgid), "sender": txn.sender,
-                             "size": len(message), "nrcpt": len(txn.recipients)}
+        log.event(
+            sid,
+            "smtp",
+            "envelope",
+            evpid=format_id(env.evpid),
+            from_=f"<{env.sender}>",
+            to=f"<{env.rcpt}>",
+            dest=env.dest,
+        )
+    event: dict[str, Any] = {
+        "msgid": format_id(msgid),
+        "sender": txn.sender,
+        "size": len(message),
+        "nrcpt": len(txn.recipients),
+        "users": sorted({env.user for env in envelopes}),
+    }
     if uid >= 0:
         event["uid"] = uid
     ctx.notify("received", event)
@@ -761,8 +780,9 @@ def bind_listener(address: str, port: int) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
         for host in listener_hosts(address):
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+            infos = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST
+            )
             family, kind, _, _, addr = infos[0]
             sock = socket.socket(family, kind)
             socks.append(sock)
@@ -786,13 +806,11 @@ class SmtpServer:
         self.ctx = ctx
         self.servers: dict[ListenerKey, list[asyncio.AbstractServer]] = {}
 
-    async def serve(self, key: ListenerKey, listener: Listener, socks: list[socket.socket]
-                    ) -> None:
+    async def serve(self, key: ListenerKey, listener: Listener, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
         servers = self.servers.setdefault(key, [])
         for sock in socks:
-            servers.append(await loop.create_server(lambda: Session(self.ctx, listener),
-                                                    sock=sock))
+            servers.append(await loop.create_server(lambda: Session(self.ctx, listener), sock=sock))
 
     async def close_key(self, key: ListenerKey) -> None:
         for server in self.servers.pop(key, []):

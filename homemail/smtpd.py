@@ -396,6 +396,13 @@ class Daemon:
         name = item.name
         if any(e.offline == name for e in self.scheduler.envelopes.values()):
             return True  # queued already, just before a crash
+        try:
+            if item.sender:
+                parse_mailbox(item.sender)
+            item.sender.encode("utf-8")
+        except (AddressError, UnicodeEncodeError):
+            log.event("offline", "offline", "refused", file=name, reason="malformed sender")
+            return True  # the same checks as over SMTP: such a file is dropped, not retried
         txn = Transaction(sender=item.sender)
         rejected: list[tuple[str, str]] = []
         for rcpt in item.rcpts:

@@ -161,11 +161,23 @@ def test_maildir_recovered_after_reader_moved_it(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "cur") == [NAME + ":2,S"]
 
 
-def test_maildir_recovered_ignores_other_names(tmp_path: Path) -> None:
+def test_maildir_recovered_ignores_other_envelopes(tmp_path: Path) -> None:
     (tmp_path / "cur").mkdir()
-    (tmp_path / "cur" / (NAME + "0:2,S")).write_bytes(b"other")
+    other = NAME.replace("E1234abcd00000042", "E1234abcd00000043")
+    assert other != NAME
+    (tmp_path / "cur" / (other + ":2,S")).write_bytes(b"other")
     path = deliver_maildir(str(tmp_path), MESSAGE, make_delivery(recovered=True))
     assert path == str(tmp_path / "new" / NAME)
+
+
+def test_maildir_recovered_finds_its_copy_under_another_host_name(tmp_path: Path) -> None:
+    """The host name may change across a restart; the envelope id is what identifies a copy."""
+    (tmp_path / "cur").mkdir()
+    renamed = NAME.replace("mail.example.org", "newname.example.org")
+    (tmp_path / "cur" / (renamed + ":2,S")).write_bytes(b"delivered before the crash")
+    path = deliver_maildir(str(tmp_path), MESSAGE, make_delivery(recovered=True))
+    assert path == str(tmp_path / "cur" / (renamed + ":2,S"))
+    assert not (tmp_path / "new").exists() or os.listdir(tmp_path / "new") == []
 
 
 def test_maildir_not_recovered_does_not_scan_cur(tmp_path: Path) -> None:
