@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import json
@@ -36,7 +35,6 @@ import pwd
 import re
 import secrets
 import socket
-import struct
 import sys
 import threading
 import time
@@ -198,6 +196,7 @@ class ControlClient:
         self._next_id = 1
 
     def connect(self) -> None:
+        self._check_socket_dir()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -209,22 +208,18 @@ class ControlClient:
             sock.close()
             raise
         self.sock = sock
-        self._check_peer(sock)
 
-    def _check_peer(self, sock: socket.socket) -> None:
-        """Talk only to a daemon run by root, by us, or by the system daemon's user: a socket
-        someone else planted (a predictable path under /tmp) must not receive our mail."""
-        if not hasattr(socket, "SO_PEERCRED"):
-            return
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        trusted = {0, os.geteuid()}
-        with contextlib.suppress(KeyError):
-            trusted.add(pwd.getpwnam("_homemail").pw_uid)
-        if uid not in trusted:
-            self.close()
-            raise Exit(EX_NOPERM, f"refusing the socket {clean(self.path)}: it is served by "
-                       f"uid {uid}, not by root, you or _homemail")
+    def _check_socket_dir(self) -> None:
+        """Only a socket in a directory of root's or ours: one planted by another user (the
+        predictable /tmp fallback) must not receive our mail."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            owner = os.stat(directory).st_uid
+        except OSError:
+            return  # connect() reports the missing socket
+        if owner not in (0, os.geteuid()):
+            raise Exit(EX_NOPERM, f"refusing the socket {clean(self.path)}: its directory "
+                       f"belongs to uid {owner}, not to root or you")
 
     def close(self) -> None:
         if self.sock is not None:

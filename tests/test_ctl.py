@@ -233,6 +233,7 @@ def test_every_daemon_verb_but_smtp_is_reachable_from_the_command_line() -> None
         "update table": "update table x",
         "alias add": "alias add a b",
         "alias remove": "alias remove a",
+        "secret set": "secret set isp me@example.org",
     }
     for verb in proto.VERBS:
         if verb == "smtp":

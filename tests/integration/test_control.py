@@ -575,7 +575,9 @@ def test_monitor_streams_the_daemons_events(ctld: Daemon) -> None:
         msgid = accepted_msgid(
             send(ctld, SENDER, ["alice@localhost"], f"Subject: {tok}\r\n\r\nx\r\n".encode())
         )
-        text.expect(rf"^received msgid={msgid} sender={SENDER} size=\d+ nrcpt=1$", since=t0)
+        text.expect(
+            rf"^received msgid={msgid} sender={SENDER} size=\d+ nrcpt=1 users=\S+$", since=t0
+        )
         text.expect(rf"^delivery evpid={msgid}\w+ rcpt=alice@localhost .*result=Ok ", since=t0)
 
         [flaky] = defer(ctld, 1)

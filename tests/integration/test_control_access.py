@@ -19,7 +19,9 @@ import pwd
 import re
 import secrets
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
@@ -540,3 +542,37 @@ def test_a_thousand_connections_from_one_user(setup: Setup) -> None:
     # while it held its share, the user's own next connections were refused, and told so
     for mine in refusals:
         assert mine.returncode == 75 and "too many connections" in mine.stderr, mine
+
+
+def test_a_socket_in_another_users_directory_is_not_trusted(tmp_path: Path) -> None:
+    """A local user who plants a control socket where root's sendmail would look (the /tmp
+    fallback) must not receive root's mail: the client refuses a directory it cannot trust."""
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    os.chown(planted, 65534, 65534)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(planted / "control.sock"))
+    server.listen(1)
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "homemail.ctl",
+                "--socket",
+                str(planted / "control.sock"),
+                "sendmail",
+                "root@localhost",
+            ],
+            input="Subject: secret\n\nfor root only\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "HOMEMAIL_OFFLINE": str(tmp_path / "offline")},
+        )
+        server.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            server.accept()
+    finally:
+        server.close()
+    assert "refusing the socket" in result.stderr
