@@ -32,6 +32,7 @@ from homemail.ruleset import Rejected, Ruleset, Source, Target, source_for
 
 IDENT = "ESMTP homemail"
 MAX_RECEIVED = 100
+LISTEN_BACKLOG = 1024  # OpenSMTPD's 5 makes simultaneous clients wait on SYN retransmits
 MAX_LINE = 1000  # octets, CR LF included (RFC 5321 4.5.3.1.6)
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_STATUS = {
@@ -790,7 +791,7 @@ def bind_listener(address: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)
-            sock.listen(1024)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
     except (OSError, socket.gaierror) as exc:
         for sock in socks:
@@ -810,7 +811,12 @@ class SmtpServer:
         loop = asyncio.get_running_loop()
         servers = self.servers.setdefault(key, [])
         for sock in socks:
-            servers.append(await loop.create_server(lambda: Session(self.ctx, listener), sock=sock))
+            # asyncio calls listen() again on a socket it is given: keep our backlog
+            servers.append(
+                await loop.create_server(
+                    lambda: Session(self.ctx, listener), sock=sock, backlog=LISTEN_BACKLOG
+                )
+            )
 
     async def close_key(self, key: ListenerKey) -> None:
         for server in self.servers.pop(key, []):

@@ -349,3 +349,13 @@ def test_both_event_loops_serve_smtp_and_control(daemon: Daemon, loop: str) -> N
     )
     assert status.returncode == 0, status.stderr
     assert "smtp: running" in status.stdout
+
+
+def test_listen_backlog_is_at_least_128(running: Daemon) -> None:
+    """OpenSMTPD's backlog of 5 makes 20 clients that connect at once wait on SYN retransmits."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{running.port}"], capture_output=True, text=True, timeout=10
+    ).stdout
+    backlogs = [int(line.split()[2]) for line in out.splitlines() if line.startswith("LISTEN")]
+    assert backlogs, out
+    assert min(backlogs) >= 128, out
