@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import smtplib
 import subprocess
 import time
 from dataclasses import dataclass
@@ -704,3 +705,22 @@ def test_unknown_commands_are_usage_errors(ctld: Daemon) -> None:
         assert result.returncode == 64, (args, result)
         assert "usage:" in result.stderr
     assert ctld.running
+
+
+def test_show_queue_streams_a_large_queue(ctld: Daemon) -> None:
+    """Hundreds of envelopes stream out in frames under the 64 KiB limit, all of them."""
+    ok(run_ctl(ctld, "pause", "mda"))
+    body = b"Subject: many\r\n\r\nx\r\n"
+    with smtplib.SMTP("127.0.0.1", ctld.port, timeout=30) as client:
+        for _ in range(4):
+            for _ in range(90):
+                client.sendmail("alice@localhost", ["alice@localhost", "bob@localhost"], body)
+            client.rset()
+            client.quit()
+            client.connect("127.0.0.1", ctld.port)
+    queued = queue_json(ctld)
+    assert len(queued) >= 360  # at least one envelope for each of the 360 messages
+    assert {env["state"] for env in queued.values()} == {"pending"}
+    text = ok(run_ctl(ctld, "show", "queue")).splitlines()
+    assert len(text) == len(queued)
+    ok(run_ctl(ctld, "resume", "mda"))
