@@ -450,10 +450,8 @@ class FsQueue(Queue):
     # -- the Queue contract ------------------------------------------------------------------
 
     def contains(self, msgid: int) -> bool:
-        with self._lock:
-            if msgid in self._messages:
-                return True
-        return os.path.exists(self._msgdir(msgid))
+        with self._lock:  # both journal-resident and moved messages are indexed here
+            return msgid in self._messages
 
     async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
         if not envelopes:
