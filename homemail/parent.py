@@ -294,17 +294,28 @@ class Parent:
             )
             # temporary: a refusal may come from a table the parent has not re-read yet
             if isinstance(record.get("id"), int):
-                self.reply_result(record["id"], ok=False, permanent=False, status="4.3.0",
-                                  text=f"refused by the parent: {exc}")
+                self.reply_result(
+                    record["id"],
+                    ok=False,
+                    permanent=False,
+                    status="4.3.0",
+                    text=f"refused by the parent: {exc}",
+                )
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         except Exception as exc:  # the parent must outlive anything a request does to it
-            log.event("parent", "channel", "error", type=str(record.get("type"))[:32],
-                      error=repr(exc))
+            log.event(
+                "parent", "channel", "error", type=str(record.get("type"))[:32], error=repr(exc)
+            )
             if isinstance(record.get("id"), int):
-                self.reply_result(record["id"], ok=False, permanent=False, status="4.3.0",
-                                  text="the parent could not carry out the request")
+                self.reply_result(
+                    record["id"],
+                    ok=False,
+                    permanent=False,
+                    status="4.3.0",
+                    text="the parent could not carry out the request",
+                )
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -422,9 +433,7 @@ class Parent:
             # the worker may have re-read a table (alias add, newaliases): so do we, once
             self.refresh_tables()
             if not self._routes_to(address, action_name, entry.pw_name, dest):
-                raise ChannelError(
-                    "the configuration does not deliver this recipient to this user"
-                )
+                raise ChannelError("the configuration does not deliver this recipient to this user")
         return entry
 
     def _routes_to(self, address: Any, action: str, user: str, dest: str) -> bool:
@@ -479,12 +488,21 @@ class Parent:
         del self.children[fd]
         try:
             result = json.loads(child.output)
-            self.reply_result(child.request_id, ok=result["ok"] is True,
-                              permanent=result["permanent"] is True,
-                              status=str(result["status"]), text=str(result["text"]))
+            self.reply_result(
+                child.request_id,
+                ok=result["ok"] is True,
+                permanent=result["permanent"] is True,
+                status=str(result["status"]),
+                text=str(result["text"]),
+            )
         except (ValueError, KeyError, TypeError):
-            self.reply_result(child.request_id, ok=False, permanent=False, status="4.3.0",
-                              text="delivery process failed")
+            self.reply_result(
+                child.request_id,
+                ok=False,
+                permanent=False,
+                status="4.3.0",
+                text="delivery process failed",
+            )
         self.reap()
         while self.waiting and len(self.children) < MAX_CHILDREN:
             record, msgfd = self.waiting.pop(0)
@@ -492,8 +510,13 @@ class Parent:
                 self.spawn(record, msgfd)
             except OSError as exc:  # fork or pipe failed: this one is retried later
                 os.close(msgfd)
-                self.reply_result(record["id"], ok=False, permanent=False, status="4.3.0",
-                                  text=f"cannot start the delivery: {exc.strerror}")
+                self.reply_result(
+                    record["id"],
+                    ok=False,
+                    permanent=False,
+                    status="4.3.0",
+                    text=f"cannot start the delivery: {exc.strerror}",
+                )
 
     def reply_result(
         self, request_id: int, *, ok: bool, permanent: bool, status: str, text: str
@@ -568,6 +591,7 @@ class Parent:
                         "sender": item.sender,
                         "rcpts": item.rcpts,
                         "uid": item.uid,
+                        "options": item.options,
                     },
                     [fd],
                 )
@@ -744,6 +768,11 @@ class WorkerChannel:
                 message=message,
                 uid=_int(record, "uid"),
                 time=time.time(),
+                options={
+                    k: v
+                    for k, v in (record.get("options") or {}).items()
+                    if isinstance(k, str) and isinstance(v, str)
+                },
             )
             ok = await self.on_offline(item)
         except (ChannelError, OSError) as exc:

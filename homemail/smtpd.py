@@ -403,7 +403,22 @@ class Daemon:
         except (AddressError, UnicodeEncodeError):
             log.event("offline", "offline", "refused", file=name, reason="malformed sender")
             return True  # the same checks as over SMTP: such a file is dropped, not retried
-        txn = Transaction(sender=item.sender)
+        opts = item.options
+        ret = opts.get("ret", "").upper()
+        txn = Transaction(
+            sender=item.sender,
+            smtputf8=opts.get("smtputf8") == "1",
+            body="8BITMIME" if opts.get("body", "").upper() == "8BITMIME" else "7BIT",
+            ret=ret if ret in ("FULL", "HDRS") else "",
+            envid=log.sanitize(opts.get("envid", ""), 100),
+        )
+        notify = [
+            n
+            for n in opts.get("notify", "").upper().split(",")
+            if n in ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+        ]
+        if "NEVER" in notify:
+            notify = ["NEVER"]
         rejected: list[tuple[str, str]] = []
         for rcpt in item.rcpts:
             try:
@@ -415,7 +430,7 @@ class Daemon:
             except Rejected as exc:
                 rejected.append((rcpt, exc.reply))
                 continue
-            txn.recipients.append(Recipient(rcpt=str(address), targets=targets))
+            txn.recipients.append(Recipient(rcpt=str(address), targets=targets, notify=notify))
         msgid = self.queue.new_msgid()
         now = time.time()
         try:
@@ -445,7 +460,8 @@ class Daemon:
                 log.event(
                     "offline", "offline", "rejected", file=name, rcpt=f"<{rcpt}>", result=reply
                 )
-                await self._offline_bounce(item.sender, rcpt, reply, item.message, now)
+                if "NEVER" not in notify:
+                    await self._offline_bounce(item.sender, rcpt, reply, item.message, now)
         except QueueError as exc:
             log.event("offline", "offline", "failed", file=name, error=str(exc))
             return False

@@ -478,3 +478,22 @@ def test_sendmail_with_the_default_user_mode_paths(tmp_path: Path, bindir: Path)
         assert copies(daemon, tok) == 1 and copies(daemon, tok2) == 1
     finally:
         daemon.cleanup()
+
+
+def test_offline_sendmail_options_are_applied_at_pickup(daemon: Daemon) -> None:
+    """sendmail -N never while the daemon is down: a recipient refused at pickup gets no
+    failure notice; without it, the sender gets one."""
+    from homemail import offline
+
+    prepare(daemon)
+    spool = daemon.spool / "offline"
+    quiet, loud = token(), token()
+    sender = f"{USER}@localhost"
+    for tok, options in ((quiet, {"notify": "never"}), (loud, {})):
+        message = f"From: {sender}\r\nSubject: {tok}\r\n\r\nx\r\n".encode()
+        offline.write(str(spool), sender, ["nosuchuser@localhost"], message, options)
+    daemon.start(write=False)
+    dsn = daemon.wait_for_message(loud)
+    assert b"Delivery Status Notification (Failure)" in dsn
+    assert not [m for m in daemon.maildir_messages() if quiet.encode() in m]
+    assert spooled(spool) == []
