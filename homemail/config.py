@@ -1483,6 +1483,16 @@ def default_config_text(user: str, aliases_path: str | None = None) -> str:
     )
 
 
+def aliases_file(cfg: Config) -> str | None:
+    """The aliases file `alias list|add|remove` edit: table "aliases", else an action's."""
+    names = ["aliases"] + [a.alias for a in cfg.actions.values() if a.alias]
+    for name in names:
+        table = cfg.tables.get(name)
+        if table is not None and table.source is not None:
+            return table.source
+    return None
+
+
 def dump(cfg: Config) -> str:
     """Write the effective configuration as grammar text that parses back to an equal Config."""
     shown = "".join(char if char.isprintable() else "?" for char in cfg.path)

@@ -46,7 +46,7 @@ from typing import Any
 from homemail import credentials, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
 from homemail.aliases import UserDb
-from homemail.config import Config, ConfigError
+from homemail.config import Config, ConfigError, aliases_file
 from homemail.ruleset import Rejected, Ruleset, Source
 from homemail.table import TableError
 
@@ -398,12 +398,7 @@ class Parent:
         self.reply_result(ident, ok=True, permanent=False, status="2.0.0", text=path)
 
     def aliases_path(self) -> str | None:
-        names = ["aliases"] + [a.alias for a in self.cfg.actions.values() if a.alias]
-        for table_name in names:
-            table = self.cfg.tables.get(table_name)
-            if table is not None and table.source is not None:
-                return table.source
-        return None
+        return aliases_file(self.cfg)
 
     # -- deliveries --------------------------------------------------------------------------
 

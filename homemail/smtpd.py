@@ -40,6 +40,7 @@ from homemail.config import (
     ConfigError,
     Listener,
     Location,
+    aliases_file,
     default_aliases_text,
     default_config_text,
     parse_file,
@@ -578,13 +579,7 @@ class Daemon:
             await asyncio.to_thread(aliases_remove, path, name)
 
     def aliases_path(self) -> str | None:
-        """The aliases file `alias list|add|remove` edit: table "aliases", else an action's."""
-        names = ["aliases"] + [a.alias for a in self.cfg.actions.values() if a.alias]
-        for name in names:
-            table = self.cfg.tables.get(name)
-            if table is not None and table.source is not None:
-                return table.source
-        return None
+        return aliases_file(self.cfg)
 
     async def update_table(self, name: str) -> tuple[Code, str] | None:
         table = self.cfg.tables.get(name)
