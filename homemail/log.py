@@ -83,10 +83,6 @@ def _flush_text(text: str) -> None:
         pass  # a closed stderr must not take the daemon down
 
 
-def enabled(level: int) -> bool:
-    return level >= int(_state["level"])
-
-
 def event(
     ident: str, subsystem: str, name: str, /, *, level: int = logging.INFO, **fields: object
 ) -> None:

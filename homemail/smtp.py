@@ -301,6 +301,25 @@ class Session(SMTP):
             return None
         return rest[: end + 1], rest[end + 1 :].split()
 
+    async def _path_and_params(
+        self, arg: str | None, keyword: str, verb: str
+    ) -> tuple[str, dict[str, str]] | None:
+        """``FROM:<path> params`` / ``TO:<path> params``; replies and returns None if bad."""
+        assert self.session is not None
+        parsed = self._split_path(arg or "", keyword)
+        if parsed is None:
+            await self.push(f"501 5.5.4 Syntax: {verb} {keyword}<address> [parameters]")
+            return None
+        path, words = parsed
+        if words and not self.session.extended_smtp:
+            await self.push("501 5.5.4 Parameters need EHLO")
+            return None
+        params = self._params(words)
+        if params is None:
+            await self.push(f"501 5.5.4 Malformed {verb} parameters")
+            return None
+        return path, params
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -314,18 +333,10 @@ class Session(SMTP):
         if self.mails >= self.ctx.max_mails:
             await self.push("452 4.5.3 Too many messages for this session")
             return
-        parsed = self._split_path(arg or "", "FROM:")
+        parsed = await self._path_and_params(arg, "FROM:", "MAIL")
         if parsed is None:
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
             return
-        path, words = parsed
-        if words and not self.session.extended_smtp:
-            await self.push("501 5.5.4 Parameters need EHLO")
-            return
-        params = self._params(words)
-        if params is None:
-            await self.push("501 5.5.4 Malformed MAIL parameters")
-            return
+        path, params = parsed
         txn = Transaction()
         for key, value in params.items():
             if key == "SIZE":
@@ -382,18 +393,10 @@ class Session(SMTP):
         if txn is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
-        parsed = self._split_path(arg or "", "TO:")
+        parsed = await self._path_and_params(arg, "TO:", "RCPT")
         if parsed is None:
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address> [parameters]")
             return
-        path, words = parsed
-        if words and not self.session.extended_smtp:
-            await self.push("501 5.5.4 Parameters need EHLO")
-            return
-        params = self._params(words)
-        if params is None:
-            await self.push("501 5.5.4 Malformed RCPT parameters")
-            return
+        path, params = parsed
         rcpt = Recipient(rcpt="", targets=[])
         for key, value in params.items():
             if key == "NOTIFY":
