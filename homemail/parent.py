@@ -41,7 +41,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from homemail import credentials, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
@@ -642,25 +642,35 @@ def _deliver_as_user(
             extra = None
     drop_privileges(entry, extra)
     from homemail.aliases import LocalUser
-    from homemail.queue import Envelope
 
     message = read_fd(msgfd, 1 << 31)
+    user = LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+    return deliver_record(action, user, record, message, hostname)
+
+
+def deliver_record(
+    action: Any, user: Any, record: dict[str, Any], message: bytes, hostname: str
+) -> dict[str, Any]:
+    """Deliver the message of a ``deliver`` record; the outcome as a ``result`` record's fields."""
+    from homemail.queue import Envelope
+
     env = Envelope(
         evpid=record["evpid"],
         sender=record["sender"],
         rcpt=record["rcpt"],
         dest=record["dest"],
-        user=entry.pw_name,
+        user=user.name,
         action=action.name,
         ctime=record["ctime"],
         expire=0,
         recovered=bool(record.get("recovered")),
     )
-    user = LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
     try:
         mda.deliver_local(action, user, env, message, hostname)
     except mda.DeliveryError as exc:
         return {"ok": False, "permanent": exc.permanent, "status": exc.status, "text": exc.text}
+    except OSError as exc:  # an I/O failure the mda did not classify: try again later
+        return {"ok": False, "permanent": False, "status": "4.3.0", "text": str(exc)}
     return {"ok": True, "permanent": False, "status": "2.0.0", "text": "Ok"}
 
 
@@ -681,6 +691,136 @@ def worker_user(name: str) -> pwd.struct_passwd:
         )
         raise SystemExit(78)
     return entry
+
+
+# -- user mode: the delivery agent --------------------------------------------------------------
+
+
+def start_delivery_agent(hostname: str, threads: int) -> tuple[socket.socket, int]:
+    """User mode: fork the process that writes mailboxes; the daemon's end and the agent's pid.
+
+    Called before the daemon has threads, an event loop, listeners or queue files open, so the
+    child starts from a clean state.  The agent dies with the daemon (PR_SET_PDEATHSIG): a
+    delivery cut short is retried after a restart exactly as one cut short in the daemon was.
+    """
+    ours, theirs = channel_pair()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            ours.close()
+            # the terminal's ^C and hangups are for the daemon, which closes the channel to
+            # stop us once its deliveries are done
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            _die_with_parent()
+            code = DeliveryAgent(theirs, hostname, threads).run()
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    theirs.close()
+    return ours, pid
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the daemon died before prctl took effect
+        os._exit(0)
+
+
+class DeliveryAgent:
+    """User mode's delivery process: ``deliver`` records in, ``result`` records out.
+
+    The daemon hands every local delivery here, so writing and syncing mailboxes runs on another
+    CPU and never holds the SMTP process's interpreter lock.  The records are system mode's
+    (above), plus the action's ``method`` and ``path`` and the user's ``uid``, ``gid`` and
+    ``home``: the agent keeps no configuration, and runs as the daemon's own user.
+    """
+
+    def __init__(self, sock: socket.socket, hostname: str, threads: int) -> None:
+        import threading
+
+        self.sock = sock
+        self.hostname = hostname
+        self.threads = threads
+        self.send_lock = threading.Lock()
+
+    def run(self) -> int:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sock.setblocking(True)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="mda") as pool:
+            while True:
+                try:
+                    got = recv_record(self.sock)
+                except ChannelError as exc:
+                    log.event("mda", "channel", "error", error=str(exc))
+                    continue
+                except OSError:
+                    break
+                if got is None:
+                    break
+                record, fds = got
+                if record["type"] == "deliver" and len(fds) == 1:
+                    pool.submit(self.deliver, record, fds[0])
+                else:
+                    for fd in fds:
+                        os.close(fd)
+        return 0
+
+    def deliver(self, record: dict[str, Any], msgfd: int) -> None:
+        from homemail.aliases import LocalUser
+        from homemail.config import Action, Location
+
+        try:
+            request_id = _int(record, "id")
+        except ChannelError:
+            os.close(msgfd)
+            return
+        try:
+            try:
+                method: Literal["maildir", "mbox"]
+                if record.get("method") == "maildir":
+                    method = "maildir"
+                elif record.get("method") == "mbox":
+                    method = "mbox"
+                else:
+                    raise ChannelError("bad field 'method'")
+                path = record.get("path")
+                if path is not None:
+                    path = _text(record, "path", limit=4096)
+                action = Action(
+                    _text(record, "action"), method, path, None, None, Location("<agent>", 0, 0)
+                )
+                user = LocalUser(
+                    _text(record, "user"),
+                    _int(record, "uid"),
+                    _int(record, "gid"),
+                    _text(record, "home", limit=4096),
+                )
+                for name in ("sender", "rcpt", "dest"):
+                    _text(record, name, empty_ok=name == "sender", limit=4096)
+                _int(record, "evpid")
+                _int(record, "ctime")
+                message = read_fd(msgfd, 1 << 31)
+            finally:
+                os.close(msgfd)
+            result = deliver_record(action, user, record, message, self.hostname)
+        except (ChannelError, OSError) as exc:
+            result = {"ok": False, "permanent": False, "status": "4.3.0", "text": str(exc)}
+        except Exception as exc:  # a bug: the envelope stays queued and is retried
+            result = {"ok": False, "permanent": False, "status": "4.3.0", "text": repr(exc)}
+        result["text"] = log.sanitize(str(result["text"]))
+        with self.send_lock, contextlib.suppress(OSError, ChannelError):
+            send_record(self.sock, {"type": "result", "id": request_id, **result})
 
 
 # -- the worker's end of the channel -----------------------------------------------------------

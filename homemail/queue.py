@@ -132,6 +132,10 @@ class Queue(ABC):
     def read_message(self, msgid: int) -> bytes:
         """The message bytes as received (CRLF line endings); may block on disk."""
 
+    def cached_message(self, msgid: int) -> bytes | None:
+        """The message if it can be had without touching the disk, else None."""
+        return None
+
     @abstractmethod
     def contains(self, msgid: int) -> bool:
         """Whether a message with this id is queued (ids must stay unique)."""

@@ -425,6 +425,10 @@ class FsQueue(Queue):
             raise QueueError(f"message {format_id(msg.msgid)}: journal segment is short")
         return data
 
+    def cached_message(self, msgid: int) -> bytes | None:
+        with self._lock:
+            return self._cache.get(msgid)
+
     def read_message(self, msgid: int) -> bytes:
         with self._lock:
             cached = self._cache.get(msgid)

@@ -37,5 +37,8 @@ class RamQueue(Queue):
         except KeyError:
             raise QueueError(f"message {msgid:08x} not in queue") from None
 
+    def cached_message(self, msgid: int) -> bytes | None:
+        return self.messages.get(msgid)
+
     def load(self) -> list[Envelope]:
         return [copy.deepcopy(e) for e in self.envelopes.values()]

@@ -54,6 +54,7 @@ from homemail.parent import (
     WorkerChannel,
     channel_pair,
     drop_privileges,
+    start_delivery_agent,
     worker_user,
 )
 from homemail.queue import Envelope, Queue, QueueError, new_evpid
@@ -111,6 +112,10 @@ def secrets_path(config_path: str | None, user_mode: bool) -> str:
     if not user_mode:
         return SYSTEM_SECRETS
     return os.path.join(os.path.dirname(user_aliases_path()), "secrets")
+
+
+def local_hostname() -> str:
+    return socket.getfqdn() or socket.gethostname() or "localhost"
 
 
 def user_aliases_path() -> str:
@@ -219,17 +224,21 @@ class Daemon:
         bound: Bound | None = None,
         control_sock: socket.socket | None = None,
         channel: socket.socket | None = None,
+        agent: socket.socket | None = None,
+        hostname: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.bound = bound
         self.control_sock = control_sock
         self.channel_sock = channel
         self.channel: WorkerChannel | None = None
+        self.agent_sock = agent
+        self.agent: WorkerChannel | None = None
         self.config_path = config_path
         self.spool = spool
         self.socket_path = socket_path
         self.user_mode = user_mode
-        self.hostname = socket.getfqdn() or socket.gethostname() or "localhost"
+        self.hostname = hostname or local_hostname()
         self.users = UserDb(user_mode=user_mode)
         self.queue: Queue = FsQueue(spool)
         # deliveries wait on fsync, not the CPU: enough threads for their syncs to be shared
@@ -328,31 +337,38 @@ class Daemon:
             raise mda.DeliveryError(
                 f"user {env.user!r} does not exist", permanent=True, status="5.1.1"
             )
-        if self.channel is not None:
-            message = await asyncio.to_thread(self.queue.read_message, env.msgid)
-            result = await self.channel.request(
-                {
-                    "type": "deliver",
-                    "action": env.action,
-                    "user": env.user,
-                    "sender": env.sender,
-                    "rcpt": env.rcpt,
-                    "dest": env.dest,
-                    "evpid": env.evpid,
-                    "ctime": int(env.ctime),
-                    "recovered": env.recovered,
-                },
-                message,
+        record: dict[str, Any] = {
+            "type": "deliver",
+            "action": env.action,
+            "user": env.user,
+            "sender": env.sender,
+            "rcpt": env.rcpt,
+            "dest": env.dest,
+            "evpid": env.evpid,
+            "ctime": int(env.ctime),
+            "recovered": env.recovered,
+        }
+        if self.channel is not None:  # system mode: the parent checks it and forks the delivery
+            channel = self.channel
+        elif self.agent is not None:  # user mode: the delivery process, as this user
+            channel = self.agent
+            record.update(
+                method=action.method, path=action.path, uid=user.uid, gid=user.gid, home=user.home
             )
-            if not result.get("ok"):
-                raise mda.DeliveryError(
-                    str(result.get("text", "delivery failed")),
-                    permanent=bool(result.get("permanent")),
-                    status=str(result.get("status", "4.3.0")),
-                )
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.mda_pool, self._deliver_here, action, user, env)
             return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.mda_pool, self._deliver_here, action, user, env)
+        message = self.queue.cached_message(env.msgid)
+        if message is None:
+            message = await asyncio.to_thread(self.queue.read_message, env.msgid)
+        result = await channel.request(record, message)
+        if not result.get("ok"):
+            raise mda.DeliveryError(
+                str(result.get("text", "delivery failed")),
+                permanent=bool(result.get("permanent")),
+                status=str(result.get("status", "4.3.0")),
+            )
 
     def _deliver_here(self, action: Action, user: LocalUser, env: Envelope) -> None:
         """User mode, in a worker thread: read the message and write the mailbox."""
@@ -627,6 +643,9 @@ class Daemon:
         else:
             await asyncio.to_thread(offline.prepare_dir, self.offline_dir())
             await self.pickup_offline()
+        if self.agent_sock is not None:
+            self.agent = WorkerChannel(self.agent_sock)
+            self.agent.on_lost = self._agent_lost
         log.event(
             "-",
             "smtpd",
@@ -641,6 +660,11 @@ class Daemon:
         )
         if self.channel is not None:
             self.channel.send({"type": "ready", "queued": len(self.scheduler.envelopes)})
+
+    def _agent_lost(self) -> None:
+        if self.agent is not None and not self._stop.is_set():
+            log.error("the delivery process exited: delivering from the daemon's own threads")
+        self.agent = None
 
     async def reload(self) -> str | None:
         """Re-read the configuration; returns None, or why the running one was kept."""
@@ -754,6 +778,8 @@ class Daemon:
         self.mda_pool.shutdown(wait=False)
         if self.channel is not None:
             self.channel.close()
+        if self.agent is not None:
+            self.agent.close()  # the agent finishes what it has and exits
         log.event("-", "smtpd", "stopped")
         log.flush()
 
@@ -836,19 +862,40 @@ def run(args: argparse.Namespace) -> int:
     paths = user_paths()
     if os.geteuid() == 0:
         log.info("running in user mode as root (--user-mode): deliveries run as root")
+    hostname = local_hostname()
+    # forked first, while this process has no threads, loop, sockets or queue files
+    agent, agent_pid = start_delivery_agent(hostname, MDA_THREADS)
     daemon = Daemon(
         cfg,
         spool=args.spool or paths.spool,
         socket_path=args.socket or paths.socket,
         user_mode=True,
         config_path=args.config,
+        agent=agent,
+        hostname=hostname,
     )
     try:
         run_loop(daemon.serve())
     except OSError as exc:
         log.error(f"cannot start: {exc}")
         return EX_OSERR
+    finally:
+        agent.close()
+        _reap(agent_pid, DRAIN_SECONDS)
     return EX_OK
+
+
+def _reap(pid: int, timeout: float) -> None:
+    """Wait for a child to exit, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done or time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
 
 
 def prepare_system_spool(spool: str, uid: int, gid: int) -> None:
