@@ -6,6 +6,7 @@ Layout under the spool directory::
     queue/XX/MSGID/message   messages that outlived their journal segment
     queue/XX/MSGID/EVPID.json
     incoming/MSGID/          a message being moved into queue/ (discarded at start)
+    queue/index              the envelopes of queue/, written at a clean stop (see below)
 
 **Why a journal.**  On this class of disk a write + fsync + rename costs about as much as 1,000
 messages a second allows, and concurrent fsyncs do not batch.  An append plus one fdatasync
@@ -26,6 +27,13 @@ live message and is simply unlinked.  Segments are released strictly oldest firs
 when its segment is older than ``materialize_after`` seconds is copied (fsync'd) into ``queue/``,
 after which its envelopes are JSON files updated in place, and the segment can go.  At start the
 journal is replayed, then ``queue/`` is read; a message present in both is taken from ``queue/``.
+
+**The index.**  Reading ``queue/`` costs a directory walk and a file per envelope: tens of seconds
+for 100,000 envelopes on a cold cache.  So a clean stop, once nothing can change ``queue/`` any
+more, writes every envelope of it into ``queue/index`` (one JSON line per message, between a
+header and an end line that carry the count; fsync'd, then renamed into place).  The next start
+reads the index instead of walking ``queue/``, and removes it — durably, before anything is
+written — so after any crash there is no index and ``queue/`` itself is read.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ MAGIC = b"HMQ1"
 SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 SEGMENT_MAX_AGE = 30.0
 MATERIALIZE_AFTER = 60.0
+INDEX_VERSION = 1
 CACHE_BYTES = 64 * 1024 * 1024
 
 
@@ -135,6 +144,9 @@ class FsQueue(Queue):
         self.materialize_after = materialize_after
         self._messages: dict[int, _Message] = {}
         self._envelopes: dict[int, Envelope] = {}  # only those of journal-resident messages
+        # those of messages in queue/: objects whose state is that of their file (or newer,
+        # the scheduler's own objects, whose changes are on their way to it): for the index
+        self._files: dict[int, Envelope] = {}
         self._segments: list[_Segment] = []  # oldest first; the last one is active
         self._active_fd = -1
         self._active_opened = 0.0
@@ -168,7 +180,10 @@ class FsQueue(Queue):
             self._segments.append(seg)
 
         result: list[Envelope] = []
-        for msgid, env_list in self._scan_queue_dir():
+        found = self._read_index()
+        if found is None:
+            found = self._scan_queue_dir()
+        for msgid, env_list in found:
             stale = self._messages.pop(msgid, None)
             if stale is not None:
                 for evpid in stale.evpids:
@@ -176,16 +191,71 @@ class FsQueue(Queue):
                 for seg in self._segments:
                     seg.live.discard(msgid)
             self._messages[msgid] = _Message(msgid, {e.evpid for e in env_list}, None)
+            for env in env_list:  # fresh objects: handed to the caller as they are
+                env.recovered = True
+                self._files[env.evpid] = env
             result.extend(env_list)
-        for env in self._envelopes.values():
-            result.append(env)
+        for env in self._envelopes.values():  # ours: the caller gets copies
+            copy = Envelope.from_json(env.to_json())
+            copy.recovered = True
+            result.append(copy)
         self._open_segment(last_seq + 1)
         self._thread = threading.Thread(target=self._run, name="queue-commit", daemon=True)
         self._thread.start()
-        copies = [Envelope.from_json(e.to_json()) for e in result]
-        for env in copies:
-            env.recovered = True
-        return copies
+        return result
+
+    def _index_path(self) -> str:
+        return os.path.join(self.queue_dir, "index")
+
+    def _read_index(self) -> list[tuple[int, list[Envelope]]] | None:
+        """queue/'s envelopes from the index a clean stop wrote; None if there is none."""
+        path = self._index_path()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        # gone before anything can change queue/: after a crash from here on, queue/ is read
+        os.unlink(path)
+        fsync_dir(self.queue_dir)
+        try:
+            lines = data.split(b"\n")
+            head, end = json.loads(lines[0]), json.loads(lines[-2])
+            count = head["count"]
+            if (
+                head.get("homemail-queue-index") != INDEX_VERSION
+                or end != {"end": count}
+                or len(lines) != count + 3
+                or lines[-1]
+            ):
+                return None
+            found = []
+            for line in lines[1:-2]:
+                item = json.loads(line)
+                envs = [Envelope.from_json(e) for e in item["envelopes"]]
+                if envs:
+                    found.append((int(item["msgid"]), envs))
+            return found
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def _write_index(self) -> None:
+        """At a clean stop: queue/'s envelopes in one file, for a fast start."""
+        with self._lock:
+            items = []
+            for msgid, msg in self._messages.items():
+                if msg.segment is not None:
+                    continue
+                envs = [self._files.get(e) for e in msg.evpids]
+                if any(e is None for e in envs):
+                    return  # not known here: the next start reads queue/ itself
+                items.append((msgid, [e.to_json() for e in envs if e is not None]))
+        dump = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+        lines = [dump({"homemail-queue-index": INDEX_VERSION, "count": len(items)})]
+        lines.extend(dump({"msgid": msgid, "envelopes": envs}) for msgid, envs in items)
+        lines.append(dump({"end": len(items)}))
+        atomic_write(self._index_path(), ("\n".join(lines) + "\n").encode())
+        fsync_dir(self.queue_dir)
 
     def _replay(self, seg: _Segment) -> None:
         with open(seg.path, "rb") as f:
@@ -396,10 +466,14 @@ class FsQueue(Queue):
         with self._lock:
             msg.segment = None
             # state changes made while copying are replayed into the files below
+            written = {env.evpid: env for env in envs}
             for evpid in list(msg.evpids):
                 current = self._envelopes.pop(evpid, None)
                 if current is not None:
                     atomic_write(self._envpath(evpid), current.dumps())
+                    written[evpid] = current
+                if evpid in written:
+                    self._files[evpid] = written[evpid]
             for env in envs:
                 if env.evpid not in msg.evpids:
                     with contextlib.suppress(FileNotFoundError):
@@ -510,6 +584,7 @@ class FsQueue(Queue):
                 atomic_write(self._envpath(envelope.evpid), envelope.dumps())
             except OSError as exc:
                 raise QueueError(f"cannot update envelope: {exc.strerror}") from exc
+            self._files[envelope.evpid] = envelope
 
     async def remove(self, envelope: Envelope) -> None:
         evpid = envelope.evpid
@@ -545,6 +620,7 @@ class FsQueue(Queue):
     def _forget(self, evpid: int) -> None:
         """Drop an envelope from the index (lock held); the message goes with its last one."""
         msgid = evpid >> 32
+        self._files.pop(evpid, None)
         msg = self._messages.get(msgid)
         if msg is None:
             return
@@ -566,6 +642,11 @@ class FsQueue(Queue):
             self._wakeup.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+            if not self._thread.is_alive():  # nothing can change queue/ any more
+                try:
+                    await asyncio.to_thread(self._write_index)
+                except OSError:
+                    pass  # the next start reads queue/ itself
         if self._active_fd >= 0:
             os.close(self._active_fd)
             self._active_fd = -1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -229,4 +231,116 @@ async def test_message_ids_stay_unique(tmp_path):
         await q.commit(b"other\r\n", clash)
     assert q.read_message(envs[0].msgid) == b"x\r\n"
     assert not q.contains(q.new_msgid())
+    await q.close()
+
+
+# -- the index a clean stop writes ---------------------------------------------------------------
+
+
+async def materialized_queue(spool: str, count: int) -> tuple[FsQueue, list[list[Envelope]]]:
+    """A queue whose first ``count`` messages have been moved into queue/."""
+    q = FsQueue(spool, segment_max_age=0.0, materialize_after=0.0)
+    q.load()
+    made = []
+    for i in range(count):
+        envs = envelopes(2)
+        await q.commit(b"Subject: %d\r\n\r\nbody\r\n" % i, envs)
+        made.append(envs)
+    await q.commit(b"later\r\n", envelopes())  # rotates: the first segment is materialized
+    queue_dir = os.path.join(spool, "queue")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        dirs = [p for p in os.listdir(queue_dir) if os.path.isdir(os.path.join(queue_dir, p))]
+        moved = sum(len(os.listdir(os.path.join(queue_dir, d))) for d in dirs)
+        if moved >= count:
+            return q, made
+        await asyncio.sleep(0.05)
+    raise AssertionError("messages were not moved into queue/")
+
+
+def files_state(spool: str) -> dict[int, dict[str, object]]:
+    """What queue/ itself holds: the envelope files, as the walk at start would read them."""
+    found = {}
+    for path in Path(spool, "queue").glob("*/*/*.json"):
+        data = json.loads(path.read_bytes())
+        found[int(data["evpid"])] = data
+    return found
+
+
+async def test_a_clean_stop_writes_an_index_the_next_start_uses_once(tmp_path, monkeypatch):
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 5)
+    made[0][0].retry = 4
+    made[0][0].last_error = "4.2.2 mailbox full"
+    await q.update(made[0][0])
+    await q.remove(made[1][1])
+    await q.close()
+    expected = files_state(spool)
+    assert {e.evpid for envs in made for e in envs} - set(expected) == {made[1][1].evpid}
+    assert expected[made[0][0].evpid]["retry"] == 4
+    index = tmp_path / "queue" / "index"
+    assert index.exists()
+
+    def no_walk(self: FsQueue) -> list[object]:
+        raise AssertionError("queue/ was walked although the index was there")
+
+    monkeypatch.setattr(FsQueue, "_scan_queue_dir", no_walk)
+    q2 = FsQueue(spool, materialize_after=3600)
+    loaded = q2.load()
+    assert not index.exists(), "the index must be gone once read"
+    from_queue_dir = {e.evpid: e.to_json() for e in loaded if e.evpid in expected}
+    for item in from_queue_dir.values():
+        item.pop("recovered", None)
+    assert from_queue_dir == expected
+    by_id = {e.evpid: e for e in loaded}
+    assert by_id[made[0][0].evpid].retry == 4
+    assert made[1][1].evpid not in by_id
+    assert all(e.recovered for e in loaded)
+    assert q2.read_message(made[2][0].msgid) == b"Subject: 2\r\n\r\nbody\r\n"
+    monkeypatch.undo()
+    # crash: no close, so no index; the next start walks queue/ and finds the same envelopes
+    q3 = FsQueue(spool, materialize_after=3600)
+    again = q3.load()
+    assert {e.evpid for e in again} == set(by_id)
+    assert {e.evpid: e.retry for e in again} == {e.evpid: e.retry for e in loaded}
+    await q3.close()
+
+
+async def test_a_damaged_index_is_ignored_and_queue_dir_is_read(tmp_path):
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 3)
+    await q.close()
+    index = tmp_path / "queue" / "index"
+    text = index.read_bytes()
+    lines = text.split(b"\n")
+    for damaged in (
+        text[: len(text) // 2],  # cut short
+        b"\n".join(lines[:2] + lines[3:]),  # a message missing: the count disagrees
+        text.replace(b'"homemail-queue-index":1', b'"homemail-queue-index":9'),
+        b"not json\n",
+    ):
+        index.write_bytes(damaged)
+        q = FsQueue(spool, materialize_after=3600)
+        loaded = {e.evpid for e in q.load()}
+        assert {e.evpid for envs in made for e in envs} <= loaded, damaged[:60]
+        assert not index.exists()
+        await q.close()  # writes a good index again
+        assert index.exists()
+
+
+async def test_envelopes_changed_after_an_indexed_start_are_indexed_again(tmp_path):
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 2)
+    await q.close()
+    q = FsQueue(spool, materialize_after=3600)
+    by_id = {e.evpid: e for e in q.load()}
+    target = by_id[made[0][0].evpid]
+    target.paused = True
+    await q.update(target)
+    await q.remove(by_id[made[1][0].evpid])
+    q, loaded = await reopen(q, spool, materialize_after=3600)
+    again = {e.evpid: e for e in loaded}
+    assert again[made[0][0].evpid].paused is True
+    assert made[1][0].evpid not in again
+    assert made[1][1].evpid in again
     await q.close()
