@@ -129,11 +129,31 @@ def tree_cpu(root: int) -> float:
 
 
 def tree_rss(root: int) -> int:
-    """Resident bytes of the process tree (sum of each process's RSS)."""
+    """Resident bytes of the process tree (sum of each process's RSS).
+
+    Pages a forked child shares with its parent are counted once per process here: for the
+    tree's real cost see :func:`tree_pss`.
+    """
     total = 0
     for pid in tree_pids(root):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/statm") as f:
             total += int(f.read().split()[1]) * PAGE
+    return total
+
+
+def tree_pss(root: int) -> int:
+    """Proportional resident bytes of the process tree (/proc/PID/smaps_rollup ``Pss``).
+
+    Each shared page is divided among the processes that map it, so the sum over a tree counts
+    a page its processes share once: what the tree costs the machine.
+    """
+    total = 0
+    for pid in tree_pids(root):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
     return total
 
 
