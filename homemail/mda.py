@@ -140,26 +140,47 @@ def deliver_maildir(maildir: str, message: bytes, d: Delivery) -> str:
     data = prepare(message, d)
     name = maildir_name(d)
     try:
-        tmp_dir, new_dir, cur_dir = _maildir_dirs(maildir)
-        tmp_path = os.path.join(tmp_dir, name)
-        new_path = os.path.join(new_dir, name)
-        done = _already_delivered(new_dir, cur_dir, name, d.recovered)
-        if done is not None:
-            if done == new_path:
-                _fsync_dir(new_dir)
-            return done
-        _write_new(tmp_path, data)
         try:
-            _publish(tmp_path, new_path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_path)
-        _fsync_dir(new_dir)
-        return new_path
+            return _deliver_maildir(maildir, data, name, d.recovered)
+        except FileNotFoundError:
+            if maildir not in _ready_maildirs:
+                raise
+            _ready_maildirs.discard(maildir)  # removed since we last made sure of it
+            return _deliver_maildir(maildir, data, name, d.recovered)
     except OSError as e:
         raise _os_failure("maildir", e) from e
     except ValueError as e:  # a NUL byte in a configured path
         raise DeliveryError(f"maildir: invalid path: {e}", permanent=False, status="4.2.0") from e
+
+
+def _deliver_maildir(maildir: str, data: bytes, name: str, recovered: bool) -> str:
+    if maildir in _ready_maildirs:
+        tmp_dir, new_dir, cur_dir = (os.path.join(maildir, sub) for sub in ("tmp", "new", "cur"))
+    else:
+        tmp_dir, new_dir, cur_dir = _maildir_dirs(maildir)
+        if len(_ready_maildirs) > 4096:
+            _ready_maildirs.clear()
+        _ready_maildirs.add(maildir)
+    tmp_path = os.path.join(tmp_dir, name)
+    new_path = os.path.join(new_dir, name)
+    done = _already_delivered(new_dir, cur_dir, name, recovered)
+    if done is not None:
+        if done == new_path:
+            _fsync_dir(new_dir)
+        return done
+    _write_new(tmp_path, data)
+    try:
+        _publish(tmp_path, new_path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+    _fsync_dir(new_dir)
+    return new_path
+
+
+# Maildirs whose tmp/, new/ and cur/ were found or made: not checked again (a delivery that
+# finds one gone forgets it and makes sure of it once more)
+_ready_maildirs: set[str] = set()
 
 
 def _maildir_dirs(maildir: str) -> tuple[str, str, str]:
@@ -195,10 +216,12 @@ def _already_delivered(new_dir: str, cur_dir: str, name: str, recovered: bool) -
 
 
 def _write_new(tmp_path: str, data: bytes) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp_path)  # left behind by a crashed attempt
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp_path, flags, 0o600)
+    try:
+        fd = os.open(tmp_path, flags, 0o600)
+    except FileExistsError:  # left behind by a crashed attempt
+        os.unlink(tmp_path)
+        fd = os.open(tmp_path, flags, 0o600)
     try:
         _write_all(fd, data)
         os.fsync(fd)

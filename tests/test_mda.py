@@ -150,6 +150,29 @@ def test_maildir_exactly_once(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "tmp") == []
 
 
+def test_maildir_removed_between_deliveries_is_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    maildir = tmp_path / "Maildir"
+    deliver_maildir(str(maildir), MESSAGE, make_delivery())
+    shutil.rmtree(maildir)  # the user cleared it out; the daemon knew it as ready
+    path = deliver_maildir(str(maildir), MESSAGE, make_delivery(evpid=0x1234ABCD00000043))
+    assert Path(path).read_bytes() == prepare(MESSAGE, make_delivery(evpid=0x1234ABCD00000043))
+    assert sorted(os.listdir(maildir)) == ["cur", "new", "tmp"]
+    shutil.rmtree(maildir / "new")  # only new/ this time
+    deliver_maildir(str(maildir), MESSAGE, make_delivery(evpid=0x1234ABCD00000044))
+    assert len(os.listdir(maildir / "new")) == 1
+
+
+def test_maildir_leftover_tmp_file_is_replaced(tmp_path: Path) -> None:
+    d = make_delivery()
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / NAME).write_bytes(b"half a message from a crashed attempt")
+    path = deliver_maildir(str(tmp_path), MESSAGE, d)
+    assert Path(path).read_bytes() == prepare(MESSAGE, d)
+    assert os.listdir(tmp_path / "tmp") == []
+
+
 def test_maildir_recovered_after_reader_moved_it(tmp_path: Path) -> None:
     d = make_delivery()
     first = deliver_maildir(str(tmp_path), MESSAGE, d)
