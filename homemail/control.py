@@ -320,6 +320,8 @@ class ControlConnection(asyncio.Protocol):
             log.event("control", "control", "refused", verb=req.verb, uid=self.peer.uid)
             raise ProtocolError(Code.FORBIDDEN, f"{req.verb}: permission denied")
         handler = HANDLERS[req.verb]
+        if req.verb in QUEUE_VERBS:  # answer for the whole queue, not what is read so far
+            await self.daemon.queue_loaded.wait()
         await handler(self, req)
 
     def owns(self, env: Envelope) -> bool:
@@ -384,6 +386,20 @@ class ControlConnection(asyncio.Protocol):
 
 Handler = Callable[[ControlConnection, Request], Awaitable[None]]
 HANDLERS: dict[str, Handler] = {}
+
+
+# verbs about the queue's envelopes wait until the daemon has read all of them at start
+QUEUE_VERBS = frozenset(
+    {
+        "show queue",
+        "show envelope",
+        "show message",
+        "schedule",
+        "remove",
+        "pause envelope",
+        "resume envelope",
+    }
+)
 
 
 def handles(*verbs: str) -> Callable[[Handler], Handler]:

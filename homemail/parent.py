@@ -1,4 +1,11 @@
-"""System mode: the privileged parent, and the channel between it and the worker.
+"""The processes at the far end of the daemon's channel, and the channel itself.
+
+System mode has the privileged parent (below).  User mode has the **delivery agent**
+(:class:`DeliveryAgent`): a child the daemon forks before it starts anything else, which takes
+the same ``deliver`` records (plus the action's ``method`` and ``path`` and the user's ``uid``,
+``gid`` and ``home``, since it keeps no configuration) and writes the mailboxes from a pool of
+threads, as the daemon's own user, so that syncing mailboxes never holds the SMTP process's
+interpreter lock.
 
 Started as root, homemail splits itself in two, as OpenSMTPD does:
 
@@ -35,6 +42,7 @@ import contextlib
 import json
 import os
 import pwd
+import select
 import selectors
 import signal
 import socket
@@ -56,6 +64,7 @@ MAX_FDS = 64
 MAX_CHILDREN = 8
 MAX_WAITING = 1024
 OFFLINE_SCAN_SECONDS = 60.0
+IDLE_TRIM_SECONDS = 2.0  # quiet this long, a process gives freed heap back (trim_heap)
 DEFAULT_USER = "_homemail"
 
 
@@ -736,6 +745,28 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
+_libc: Any = None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim); else nothing.
+
+    After a burst of mail the allocator keeps what the burst freed, mostly in the per-thread
+    arenas of the delivery threads; an idle daemon calls this so its footprint goes back down.
+    """
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None)
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        _libc = False
+
+
 class DeliveryAgent:
     """User mode's delivery process: ``deliver`` records in, ``result`` records out.
 
@@ -757,8 +788,15 @@ class DeliveryAgent:
         from concurrent.futures import ThreadPoolExecutor
 
         self.sock.setblocking(True)
+        trimmed = True
         with ThreadPoolExecutor(self.threads, thread_name_prefix="mda") as pool:
             while True:
+                # quiet for a while after deliveries: hand the memory they used back (the
+                # socket itself stays blocking, for the result records the threads send)
+                if not trimmed and not select.select([self.sock], [], [], IDLE_TRIM_SECONDS)[0]:
+                    trim_heap()
+                    trimmed = True
+                    continue
                 try:
                     got = recv_record(self.sock)
                 except ChannelError as exc:
@@ -768,6 +806,7 @@ class DeliveryAgent:
                     break
                 if got is None:
                     break
+                trimmed = False
                 record, fds = got
                 if record["type"] == "deliver" and len(fds) == 1:
                     pool.submit(self.deliver, record, fds[0])

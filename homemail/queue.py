@@ -16,6 +16,7 @@ import json
 import os
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,18 @@ class Queue(ABC):
     @abstractmethod
     def load(self) -> list[Envelope]:
         """Recover every envelope still to deliver (called once, at start)."""
+
+    def start(self) -> list[Envelope]:
+        """Like :meth:`load`, but may leave the slow part to :meth:`scan` (use one or the other)."""
+        return self.load()
+
+    def complete(self) -> bool:
+        """Whether :meth:`start` returned every envelope (nothing is left to :meth:`scan`)."""
+        return True
+
+    def scan(self) -> Iterator[list[Envelope]]:
+        """After :meth:`start`: the remaining envelopes, in batches (may block on disk)."""
+        return iter(())
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release resources."""

@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,10 +158,22 @@ class FsQueue(Queue):
         self._closing = False
         self._thread: threading.Thread | None = None
         self._last_maintenance = 0.0
+        self._scanning = False  # queue/ not yet walked: ids on disk are not all known
 
     # -- start and recovery ------------------------------------------------------------------
 
     def load(self) -> list[Envelope]:
+        envelopes = self.start()
+        for batch in self.scan():
+            envelopes.extend(batch)
+        return envelopes
+
+    def start(self) -> list[Envelope]:
+        """Replay the journal and read the index; queue/ itself is walked by :meth:`scan`.
+
+        A message both in the journal and in ``queue/`` (a crash after its move) is taken
+        from ``queue/`` here, so the walk only adds messages nothing else knows.
+        """
         for d in (self.spool, self.journal_dir, self.queue_dir, self.incoming_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         for entry in os.listdir(self.incoming_dir):  # moves cut short by a crash
@@ -179,10 +191,27 @@ class FsQueue(Queue):
             self._replay(seg)
             self._segments.append(seg)
 
-        result: list[Envelope] = []
         found = self._read_index()
         if found is None:
-            found = self._scan_queue_dir()
+            self._scanning = True  # scan() walks queue/ for the rest
+            found = []
+            for msgid in list(self._messages):
+                envs = self._read_msgdir(self._msgdir(msgid))
+                if envs:
+                    found.append((msgid, envs))
+        result = self._adopt(found)
+        for env in self._envelopes.values():  # ours: the caller gets copies
+            copy = Envelope.from_json(env.to_json())
+            copy.recovered = True
+            result.append(copy)
+        self._open_segment(last_seq + 1)
+        self._thread = threading.Thread(target=self._run, name="queue-commit", daemon=True)
+        self._thread.start()
+        return result
+
+    def _adopt(self, found: list[tuple[int, list[Envelope]]]) -> list[Envelope]:
+        """Take messages of queue/ into the index (lock held or not yet shared)."""
+        result: list[Envelope] = []
         for msgid, env_list in found:
             stale = self._messages.pop(msgid, None)
             if stale is not None:
@@ -195,14 +224,34 @@ class FsQueue(Queue):
                 env.recovered = True
                 self._files[env.evpid] = env
             result.extend(env_list)
-        for env in self._envelopes.values():  # ours: the caller gets copies
-            copy = Envelope.from_json(env.to_json())
-            copy.recovered = True
-            result.append(copy)
-        self._open_segment(last_seq + 1)
-        self._thread = threading.Thread(target=self._run, name="queue-commit", daemon=True)
-        self._thread.start()
         return result
+
+    def complete(self) -> bool:
+        return not self._scanning
+
+    def scan(self, batch: int = 2000) -> Iterator[list[Envelope]]:
+        """After :meth:`start` found no index: walk queue/ and yield its envelopes in batches.
+
+        Runs in a thread while the daemon serves: commits meanwhile get message ids that are
+        not on disk (see :meth:`contains`), and messages the journal knows are skipped.
+        Stops early when the queue is closed; the index is written only after a full walk.
+        """
+        if not self._scanning:
+            return
+        out: list[Envelope] = []
+        for msgid, envs in self._scan_queue_dir():
+            if self._closing:
+                return
+            with self._lock:
+                if msgid in self._messages:  # from the journal, or moved since the walk began
+                    continue
+                out.extend(self._adopt([(msgid, envs)]))
+            if len(out) >= batch:
+                yield out
+                out = []
+        if out:
+            yield out
+        self._scanning = False
 
     def _index_path(self) -> str:
         return os.path.join(self.queue_dir, "index")
@@ -241,6 +290,8 @@ class FsQueue(Queue):
 
     def _write_index(self) -> None:
         """At a clean stop: queue/'s envelopes in one file, for a fast start."""
+        if self._scanning:  # queue/ was not walked to the end: the index would miss messages
+            return
         with self._lock:
             items = []
             for msgid, msg in self._messages.items():
@@ -303,8 +354,7 @@ class FsQueue(Queue):
             if self._envelopes.pop(evpid, None) is not None:
                 self._forget(evpid)
 
-    def _scan_queue_dir(self) -> list[tuple[int, list[Envelope]]]:
-        found: list[tuple[int, list[Envelope]]] = []
+    def _scan_queue_dir(self) -> Iterator[tuple[int, list[Envelope]]]:
         for bucket in os.scandir(self.queue_dir):
             if not bucket.is_dir(follow_symlinks=False):
                 continue
@@ -315,19 +365,28 @@ class FsQueue(Queue):
                     msgid = int(msgdir.name, 16)
                 except ValueError:
                     continue
-                envs: list[Envelope] = []
-                for entry in os.scandir(msgdir.path):
-                    if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
-                        try:
-                            with open(entry.path, "rb") as f:
-                                envs.append(Envelope.from_json(json.load(f)))
-                        except (OSError, ValueError, TypeError):
-                            continue
+                if msgid in self._messages:  # a hint only: scan() checks again, locked
+                    continue
+                envs = self._read_msgdir(msgdir.path)
                 if envs:
-                    found.append((msgid, envs))
-                else:
+                    yield msgid, envs
+                elif msgid not in self._messages:
                     shutil.rmtree(msgdir.path, ignore_errors=True)
-        return found
+
+    def _read_msgdir(self, path: str) -> list[Envelope]:
+        envs: list[Envelope] = []
+        try:
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return envs
+        for entry in entries:
+            if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
+                try:
+                    with open(entry.path, "rb") as f:
+                        envs.append(Envelope.from_json(json.load(f)))
+                except (OSError, ValueError, TypeError):
+                    continue
+        return envs
 
     # -- the commit thread -------------------------------------------------------------------
 
@@ -529,7 +588,10 @@ class FsQueue(Queue):
 
     def contains(self, msgid: int) -> bool:
         with self._lock:  # both journal-resident and moved messages are indexed here
-            return msgid in self._messages
+            if msgid in self._messages:
+                return True
+        # while queue/ is being walked, a message there may not be indexed yet
+        return self._scanning and os.path.lexists(self._msgdir(msgid))
 
     async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
         if not envelopes:

@@ -50,11 +50,13 @@ from homemail.control import ControlServer, bind_control_socket
 from homemail.control_protocol import Code
 from homemail.parent import (
     DEFAULT_USER,
+    IDLE_TRIM_SECONDS,
     Parent,
     WorkerChannel,
     channel_pair,
     drop_privileges,
     start_delivery_agent,
+    trim_heap,
     worker_user,
 )
 from homemail.queue import Envelope, Queue, QueueError, new_evpid
@@ -259,6 +261,8 @@ class Daemon:
         self.mta_paused = False
         self._pickup: asyncio.Future[None] | None = None
         self._stop = asyncio.Event()
+        self.queue_loaded = asyncio.Event()  # set once queue/ has been read to the end
+        self._loader: asyncio.Task[None] | None = None
         self._signals = 0
         self._socket_listener = Listener(
             "socket", None, None, None, False, Location("<socket>", 0, 0)
@@ -541,6 +545,7 @@ class Daemon:
             "mta": "paused" if self.mta_paused else "running",
             "uptime": int(time.time() - self.started),
             "queue": len(self.scheduler.envelopes),
+            "queue_loaded": self.queue_loaded.is_set(),
             "version": __version__,
             "mode": "user" if self.user_mode else "system",
             "pid": os.getpid(),
@@ -623,7 +628,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        envelopes = await asyncio.to_thread(self.queue.load)
+        envelopes = await asyncio.to_thread(self.queue.start)
         self.scheduler.schedule(envelopes)
         if self.control_sock is None:
             self.control_sock = bind_control_socket(
@@ -646,6 +651,10 @@ class Daemon:
         if self.agent_sock is not None:
             self.agent = WorkerChannel(self.agent_sock)
             self.agent.on_lost = self._agent_lost
+        if self.queue.complete():
+            self.queue_loaded.set()
+        else:
+            self._loader = asyncio.create_task(self._load_queue_dir())
         log.event(
             "-",
             "smtpd",
@@ -653,6 +662,7 @@ class Daemon:
             version=__version__,
             mode="user" if self.user_mode else "system",
             queued=len(self.scheduler.envelopes),
+            loading="no" if self.queue_loaded.is_set() else "queue/",
             spool=self.spool,
             control=self.socket_path,
             uid=os.getuid(),
@@ -660,6 +670,33 @@ class Daemon:
         )
         if self.channel is not None:
             self.channel.send({"type": "ready", "queued": len(self.scheduler.envelopes)})
+
+    async def _load_queue_dir(self) -> None:
+        """Walk queue/ (when there was no index) while SMTP and control already serve."""
+        started = time.monotonic()
+        batches = self.queue.scan()
+        loaded = 0
+        try:
+            while True:
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None:
+                    break
+                self.scheduler.schedule(batch)
+                loaded += len(batch)
+        except Exception as exc:  # the walk failed: what it found is scheduled, the rest waits
+            log.error(f"reading queue/ failed: {exc!r}; restart to read it again")
+            return
+        finally:
+            self.queue_loaded.set()
+        if loaded:
+            log.event(
+                "-",
+                "queue",
+                "loaded",
+                envelopes=loaded,
+                queued=len(self.scheduler.envelopes),
+                seconds=f"{time.monotonic() - started:.1f}",
+            )
 
     def _agent_lost(self) -> None:
         if self.agent is not None and not self._stop.is_set():
@@ -758,18 +795,21 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the parent reloads
         await self.start()
         runner = asyncio.create_task(self.scheduler.run())
+        trimmer = asyncio.create_task(self._trim_loop())
         scanner = asyncio.create_task(self._offline_loop()) if self.channel is None else None
         status = asyncio.create_task(self._status_loop()) if self.channel is not None else None
         await self._stop.wait()
         log.event("-", "smtpd", "stopping", sessions=self.ctx.sessions)
         self.server.close()
-        for task in (scanner, status):
+        for task in (scanner, status, trimmer):
             if task is not None:
                 task.cancel()
         deadline = time.monotonic() + DRAIN_SECONDS
         while self.ctx.sessions > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.control.stop()
+        if self._loader is not None:
+            self._loader.cancel()  # the walk stops at the queue's close; no index then
         await self.scheduler.stop()
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -782,6 +822,18 @@ class Daemon:
             self.agent.close()  # the agent finishes what it has and exits
         log.event("-", "smtpd", "stopped")
         log.flush()
+
+    async def _trim_loop(self) -> None:
+        """Once SMTP and deliveries have been quiet for a while, give freed heap back."""
+        trimmed_at: tuple[int, int] | None = None
+        last: tuple[int, int] | None = None
+        while True:
+            await asyncio.sleep(IDLE_TRIM_SECONDS)
+            now = (self.ctx.total_sessions, sum(self.scheduler.stats.values()))
+            if now == last and now != trimmed_at and self.ctx.sessions == 0:
+                trim_heap()
+                trimmed_at = now
+            last = now
 
     async def _status_loop(self) -> None:
         assert self.channel is not None

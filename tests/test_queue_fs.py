@@ -258,6 +258,12 @@ async def materialized_queue(spool: str, count: int) -> tuple[FsQueue, list[list
     raise AssertionError("messages were not moved into queue/")
 
 
+async def crash(q: FsQueue, spool: str) -> None:
+    """Leave the spool as a crash would: stopped, and no index (a crash writes none)."""
+    await q.close()
+    Path(spool, "queue", "index").unlink(missing_ok=True)
+
+
 def files_state(spool: str) -> dict[int, dict[str, object]]:
     """What queue/ itself holds: the envelope files, as the walk at start would read them."""
     found = {}
@@ -298,7 +304,7 @@ async def test_a_clean_stop_writes_an_index_the_next_start_uses_once(tmp_path, m
     assert all(e.recovered for e in loaded)
     assert q2.read_message(made[2][0].msgid) == b"Subject: 2\r\n\r\nbody\r\n"
     monkeypatch.undo()
-    # crash: no close, so no index; the next start walks queue/ and finds the same envelopes
+    await crash(q2, spool)  # the next start walks queue/ and finds the same envelopes
     q3 = FsQueue(spool, materialize_after=3600)
     again = q3.load()
     assert {e.evpid for e in again} == set(by_id)
@@ -344,3 +350,78 @@ async def test_envelopes_changed_after_an_indexed_start_are_indexed_again(tmp_pa
     assert made[1][0].evpid not in again
     assert made[1][1].evpid in again
     await q.close()
+
+
+# -- a start without the index: queue/ is walked while the daemon serves -------------------------
+
+
+async def test_without_an_index_start_returns_the_journal_and_scan_the_rest(tmp_path):
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 4)
+    late = envelopes()
+    await q.commit(b"late\r\n", late)  # journal-resident at the crash
+    await crash(q, spool)
+    q2 = FsQueue(spool, materialize_after=3600)
+    first = q2.start()
+    moved = {e.evpid for envs in made for e in envs}
+    assert not q2.complete()
+    # a message only on disk so far is already known as taken: no new message may get its id
+    assert all(q2.contains(envs[0].msgid) for envs in made)
+    rest = [e for batch in q2.scan() for e in batch]
+    assert q2.complete()
+    assert moved | {late[0].evpid} <= {e.evpid for e in first} | {e.evpid for e in rest}
+    assert not moved & {e.evpid for e in first} & {e.evpid for e in rest}, "loaded twice"
+    assert all(e.recovered for e in rest)
+    assert q2.read_message(made[3][0].msgid) == b"Subject: 3\r\n\r\nbody\r\n"
+    await q2.close()
+    assert (tmp_path / "queue" / "index").exists()  # walked to the end: a full index
+
+
+async def test_a_stop_in_the_middle_of_the_walk_writes_no_index(tmp_path):
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 6)
+    await crash(q, spool)  # then a start that is stopped after one batch of the walk
+    q2 = FsQueue(spool, materialize_after=3600)
+    q2.start()
+    walk = q2.scan(batch=1)
+    next(walk)
+    await q2.close()
+    assert not (tmp_path / "queue" / "index").exists()
+    q3 = FsQueue(spool, materialize_after=3600)
+    everything = {e.evpid for e in q3.load()}
+    assert {e.evpid for envs in made for e in envs} <= everything
+    await q3.close()
+
+
+async def test_a_message_moved_before_a_crash_is_taken_from_queue_dir_once(tmp_path):
+    spool = str(tmp_path)
+    journal = tmp_path / "journal"
+    q = FsQueue(spool, materialize_after=3600)
+    q.load()
+    made = [envelopes(2), envelopes()]
+    for envs in made:
+        await q.commit(b"Subject: moved\r\n\r\nbody\r\n", envs)
+    await q.close()
+    (tmp_path / "queue" / "index").unlink(missing_ok=True)
+    old_journal = {p.name: p.read_bytes() for p in journal.iterdir()}
+    assert any(b"HMQ1M" in data for data in old_journal.values())
+    # now they are moved into queue/, and one envelope changes there
+    q, loaded = await reopen(q, spool, segment_max_age=0.0, materialize_after=0.0)
+    await q.commit(b"rotate\r\n", envelopes())
+    deadline = time.time() + 10
+    while time.time() < deadline and len(list((tmp_path / "queue").glob("*/*/message"))) < 2:
+        await asyncio.sleep(0.05)
+    assert len(list((tmp_path / "queue").glob("*/*/message"))) >= 2
+    target = next(e for e in loaded if e.evpid == made[0][0].evpid)
+    target.retry = 7
+    await q.update(target)  # written to its file in queue/, not to the journal
+    await crash(q, spool)  # with the old segments back, as if their release had not happened
+    for name, data in old_journal.items():
+        (journal / name).write_bytes(data)
+    q2 = FsQueue(spool, materialize_after=3600)
+    again = q2.start() + [e for batch in q2.scan() for e in batch]
+    ids = [e.evpid for e in again]
+    assert len(ids) == len(set(ids)), "an envelope was loaded twice"
+    assert {e.evpid for envs in made for e in envs} <= set(ids)
+    assert {e.evpid: e.retry for e in again}[made[0][0].evpid] == 7
+    await q2.close()
