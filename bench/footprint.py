@@ -15,9 +15,11 @@ beside it, its RSS summed (which counts the pages the fork shares once per proce
   then left idle; every connection is checked to be still open (NOOP → 250) afterwards;
 * startup with N queued envelopes (default 100,000): the spool is filled over SMTP with mda
   paused (``homemailctl pause mda``), the envelopes are paused on disk (``pause envelope all``)
-  so nothing is delivered after the restart, the daemon is stopped and started again, and the
-  seconds until the port accepts and until the log says ``smtpd ready`` are taken; then once
-  more after a kill -9, which leaves no ``queue/index`` behind (see homemail/queue_fs.py);
+  so nothing is delivered after the restart, the daemon waits until they have moved from the
+  journal into ``queue/`` (as a queue does after a minute or two), it is stopped and started
+  again, and the seconds until the port accepts and until the log says ``smtpd ready`` are
+  taken; then once more after a kill -9, which leaves no ``queue/index`` behind (see
+  homemail/queue_fs.py), until ``smtpd ready`` and until the walk of ``queue/`` is done;
 * ``homemailctl show queue`` with those envelopes: seconds until the first line is printed and
   until the listing is complete, and the number of lines.
 
@@ -240,19 +242,33 @@ def restart(server: Homemail, n: int) -> tuple[float, float, int, float]:
     raise BenchError("no 'smtpd ready' in the log")
 
 
-def logged_after(server: Homemail, pattern: str, wall0: float) -> tuple[float, int]:
-    """Seconds from wall0 to the time stamp of the log line matching pattern, and its number."""
+def settle_queue(server: Homemail, messages: int, timeout: float = 900) -> float:
+    """Wait until the messages have left the journal for queue/; the seconds it took."""
+    t0 = time.perf_counter()
+    queue_dir = Path(server.spool) / "queue"
+    while time.perf_counter() - t0 < timeout:
+        moved = sum(1 for _ in queue_dir.glob("*/*/message"))
+        if moved >= messages:
+            return time.perf_counter() - t0
+        time.sleep(2)
+    raise BenchError(f"only {moved} of {messages} messages reached queue/ in {timeout:.0f} s")
+
+
+def logged_after(server: Homemail, patterns: list[str], wall0: float) -> tuple[float, int]:
+    """Seconds from wall0 to the time stamp of the first log line matching one of the patterns
+    (groups: the time stamp, a number), and that number."""
     deadline = time.time() + 900
     while time.time() < deadline:
         with open(server.log_path, "rb") as f:
             text = f.read().decode(errors="replace")
-        m = re.search(pattern, text, re.MULTILINE)
-        if m:
-            return datetime.fromisoformat(m.group(1)).timestamp() - wall0, int(m.group(2))
+        for pattern in patterns:
+            m = re.search(pattern, text, re.MULTILINE)
+            if m:
+                return datetime.fromisoformat(m.group(1)).timestamp() - wall0, int(m.group(2))
         if server.proc is not None and server.proc.poll() is not None:
             raise BenchError(f"daemon exited: {text[-500:]}")
         time.sleep(0.05)
-    raise BenchError(f"no /{pattern}/ in the log")
+    raise BenchError(f"none of {patterns} in the log")
 
 
 def show_queue(server: Homemail) -> tuple[float, float, int]:
@@ -382,6 +398,13 @@ def main() -> int:
             )
             results["fill_s"] = fill
             results["pss_queued"], results["rss_queued"] = memory(server.pid)
+            settled = settle_queue(server, msgs)
+            results["settle_s"] = settled
+            print(
+                f"moved from the journal into queue/ (as a queue older than a minute or two "
+                f"is) after {settled:.0f} s more",
+                flush=True,
+            )
             stop_s = stop_daemon(server)
             results["stop_full_s"] = stop_s
             print(f"stop with the queue full: {stop_s:.1f} s", flush=True)
@@ -423,7 +446,12 @@ def main() -> int:
             crash_wall0 = time.time()
             crash_port, crash_ready, crash_queued, _ = restart(server, restarts + 1)
             crash_loaded, crash_total = logged_after(
-                server, r"^(\S+) - queue loaded envelopes=\d+ queued=(\d+)", crash_wall0
+                server,
+                [  # the walk's end; or nothing to walk
+                    r"^(\S+) - queue loaded envelopes=\d+ queued=(\d+)",
+                    r"^(\S+) - smtpd ready .*queued=(\d+) loading=no",
+                ],
+                crash_wall0,
             )
             results.update(
                 crash_port_s=crash_port, crash_ready_s=crash_ready, crash_loaded_s=crash_loaded

@@ -712,8 +712,13 @@ def start_delivery_agent(hostname: str, threads: int) -> tuple[socket.socket, in
     child starts from a clean state.  The agent dies with the daemon (PR_SET_PDEATHSIG): a
     delivery cut short is retried after a restart exactly as one cut short in the daemon was.
     """
+    import gc
+
     ours, theirs = channel_pair()
     sys.stderr.flush()
+    # what both processes start with stays shared: the collector would write to every object's
+    # header, and each page it touched would become a private copy in each process
+    gc.freeze()
     pid = os.fork()
     if pid == 0:
         code = 0
