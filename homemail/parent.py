@@ -754,12 +754,15 @@ _libc: Any = None
 
 
 def trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim); else nothing.
+    """Collect cycles, then give the C heap's free pages back to the system (glibc's malloc_trim).
 
     After a burst of mail the allocator keeps what the burst freed, mostly in the per-thread
     arenas of the delivery threads; an idle daemon calls this so its footprint goes back down.
     """
     global _libc
+    import gc
+
+    gc.collect()  # cycles freed first, so more of the heap is free to give back
     if not sys.platform.startswith("linux"):
         return
     try:
