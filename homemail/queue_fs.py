@@ -48,6 +48,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 SEGMENT_MAX_AGE = 30.0
 MATERIALIZE_AFTER = 60.0
 INDEX_VERSION = 1
+SCAN_THREADS = 16  # threads reading queue/ when there is no index
 CACHE_BYTES = 64 * 1024 * 1024
 
 
@@ -355,23 +357,34 @@ class FsQueue(Queue):
                 self._forget(evpid)
 
     def _scan_queue_dir(self) -> Iterator[tuple[int, list[Envelope]]]:
-        for bucket in os.scandir(self.queue_dir):
-            if not bucket.is_dir(follow_symlinks=False):
+        buckets = [b.path for b in os.scandir(self.queue_dir) if b.is_dir(follow_symlinks=False)]
+        # several buckets at once: on a cold cache the disk answers their reads in parallel
+        pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="queue-walk")
+        try:
+            for found in pool.map(self._scan_bucket, buckets):
+                yield from found
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _scan_bucket(self, path: str) -> list[tuple[int, list[Envelope]]]:
+        found = []
+        for msgdir in os.scandir(path):
+            if self._closing:
+                break
+            if not msgdir.is_dir(follow_symlinks=False):
                 continue
-            for msgdir in os.scandir(bucket.path):
-                if not msgdir.is_dir(follow_symlinks=False):
-                    continue
-                try:
-                    msgid = int(msgdir.name, 16)
-                except ValueError:
-                    continue
-                if msgid in self._messages:  # a hint only: scan() checks again, locked
-                    continue
-                envs = self._read_msgdir(msgdir.path)
-                if envs:
-                    yield msgid, envs
-                elif msgid not in self._messages:
-                    shutil.rmtree(msgdir.path, ignore_errors=True)
+            try:
+                msgid = int(msgdir.name, 16)
+            except ValueError:
+                continue
+            if msgid in self._messages:  # a hint only: scan() checks again, locked
+                continue
+            envs = self._read_msgdir(msgdir.path)
+            if envs:
+                found.append((msgid, envs))
+            elif msgid not in self._messages:
+                shutil.rmtree(msgdir.path, ignore_errors=True)
+        return found
 
     def _read_msgdir(self, path: str) -> list[Envelope]:
         envs: list[Envelope] = []
