@@ -161,6 +161,7 @@ class FsQueue(Queue):
         self._thread: threading.Thread | None = None
         self._last_maintenance = 0.0
         self._scanning = False  # queue/ not yet walked: ids on disk are not all known
+        self._index_written = False
 
     # -- start and recovery ------------------------------------------------------------------
 
@@ -291,7 +292,11 @@ class FsQueue(Queue):
             return None
 
     def _write_index(self) -> None:
-        """At a clean stop: queue/'s envelopes in one file, for a fast start."""
+        """At a clean stop: queue/'s envelopes in one file, for a fast start.
+
+        Written with the lock held, and a change to queue/ that still comes after it (a
+        delivery outliving the stop's wait) removes it again: see :meth:`_index_stale`.
+        """
         if self._scanning:  # queue/ was not walked to the end: the index would miss messages
             return
         with self._lock:
@@ -303,12 +308,21 @@ class FsQueue(Queue):
                 if any(e is None for e in envs):
                     return  # not known here: the next start reads queue/ itself
                 items.append((msgid, [e.to_json() for e in envs if e is not None]))
-        dump = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-        lines = [dump({"homemail-queue-index": INDEX_VERSION, "count": len(items)})]
-        lines.extend(dump({"msgid": msgid, "envelopes": envs}) for msgid, envs in items)
-        lines.append(dump({"end": len(items)}))
-        atomic_write(self._index_path(), ("\n".join(lines) + "\n").encode())
-        fsync_dir(self.queue_dir)
+            dump = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+            lines = [dump({"homemail-queue-index": INDEX_VERSION, "count": len(items)})]
+            lines.extend(dump({"msgid": msgid, "envelopes": envs}) for msgid, envs in items)
+            lines.append(dump({"end": len(items)}))
+            atomic_write(self._index_path(), ("\n".join(lines) + "\n").encode())
+            fsync_dir(self.queue_dir)
+            self._index_written = True
+
+    def _index_stale(self) -> None:
+        """queue/ is about to change after the index was written (lock held): remove it."""
+        if self._index_written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._index_path())
+            fsync_dir(self.queue_dir)
+            self._index_written = False
 
     def _replay(self, seg: _Segment) -> None:
         with open(seg.path, "rb") as f:
@@ -649,6 +663,7 @@ class FsQueue(Queue):
 
     def _update_file(self, envelope: Envelope) -> None:
         with self._lock:
+            self._index_stale()
             msg = self._messages.get(envelope.msgid)
             if msg is None or envelope.evpid not in msg.evpids:
                 return
@@ -679,6 +694,7 @@ class FsQueue(Queue):
 
     def _remove_file(self, evpid: int) -> None:
         with self._lock:
+            self._index_stale()
             msg = self._messages.get(evpid >> 32)
             if msg is None or evpid not in msg.evpids:
                 return

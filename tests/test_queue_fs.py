@@ -425,3 +425,18 @@ async def test_a_message_moved_before_a_crash_is_taken_from_queue_dir_once(tmp_p
     assert {e.evpid for envs in made for e in envs} <= set(ids)
     assert {e.evpid: e.retry for e in again}[made[0][0].evpid] == 7
     await q2.close()
+
+
+async def test_a_change_after_the_index_was_written_removes_it(tmp_path):
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 2)
+    await q.close()
+    index = tmp_path / "queue" / "index"
+    assert index.exists()
+    made[0][0].retry = 9  # a delivery that outlived the stop settles now
+    await q.update(made[0][0])
+    assert not index.exists(), "the index no longer says what queue/ holds"
+    q2 = FsQueue(spool, materialize_after=3600)
+    by_id = {e.evpid: e for e in q2.load()}
+    assert by_id[made[0][0].evpid].retry == 9
+    await q2.close()
