@@ -366,7 +366,7 @@ class Daemon:
         message = self.queue.cached_message(env.msgid)
         if message is None:
             message = await asyncio.to_thread(self.queue.read_message, env.msgid)
-        result = await channel.request(record, message)
+        result = await channel.request(record, message, inline=channel is self.agent)
         if not result.get("ok"):
             raise mda.DeliveryError(
                 str(result.get("text", "delivery failed")),

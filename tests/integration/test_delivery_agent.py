@@ -6,10 +6,13 @@ falls back to its own threads if the child goes away; the child never outlives t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 from pathlib import Path
+
+import pytest
 
 from homemail import parent
 
@@ -151,6 +154,43 @@ def test_agent_writes_the_maildir_and_answers(tmp_path: Path) -> None:
         assert b"hello\n" in data and b"Delivered-To: b@example.org" in data
     finally:
         agent.close()
+
+
+def test_agent_takes_a_small_message_inside_the_record(tmp_path: Path) -> None:
+    agent = Agent()
+    try:
+        body = b"Subject: inline\r\n\r\n" + b"x" * 3000 + b"\r\n"
+        parent.send_record(agent.ours, deliver_record(tmp_path), payload=body)
+        got = parent.recv_record(agent.ours)
+        assert got is not None and got[0]["ok"] is True, got
+        (stored,) = list((tmp_path / "Maildir" / "new").iterdir())
+        assert stored.read_bytes().endswith(b"x" * 3000 + b"\n")
+        # a payload whose length disagrees with the record is refused whole: no delivery
+        bad = deliver_record(tmp_path, id=8, evpid=0x1234567890ABCDED, inline=5)
+        data = json.dumps({"v": 1, **bad}).encode()
+        agent.ours.send(data + b"\nSubject: too long\r\n")
+        other = deliver_record(tmp_path, id=9, evpid=0x1234567890ABCDEE)
+        result = agent.ask(other, b"Subject: y\r\n\r\ny\r\n")
+        assert result is not None and result["id"] == 9 and result["ok"] is True
+        assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 2
+    finally:
+        agent.close()
+
+
+def test_a_payload_on_a_record_is_checked_by_recv_record() -> None:
+    ours, theirs = parent.channel_pair()
+    with ours, theirs:
+        for data in (
+            b'{"v":1,"type":"deliver","inline":3}\nabcd',  # longer than it says
+            b'{"v":1,"type":"deliver"}\nabc',  # a payload nobody announced
+            b'{"v":1,"type":"deliver","inline":3}',  # announced, missing
+        ):
+            ours.send(data)
+            with pytest.raises(parent.ChannelError):
+                parent.recv_record(theirs)
+        ours.send(b'{"v":1,"type":"deliver","inline":3}\nab\n')
+        got = parent.recv_record(theirs)
+        assert got is not None and got[0]["payload"] == b"ab\n"
 
 
 def test_agent_refuses_bad_records_with_a_temporary_failure(tmp_path: Path) -> None:
