@@ -323,33 +323,21 @@ class Parent:
                 "parent", "channel", "refused", type=str(record.get("type"))[:32], reason=str(exc)
             )
             # temporary: a refusal may come from a table the parent has not re-read yet
-            if isinstance(record.get("id"), int):
-                self.reply_result(
-                    record["id"],
-                    ok=False,
-                    permanent=False,
-                    status="4.3.0",
-                    text=f"refused by the parent: {exc}",
-                )
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self.fail_request(record, fds, f"refused by the parent: {exc}")
         except Exception as exc:  # the parent must outlive anything a request does to it
             log.event(
                 "parent", "channel", "error", type=str(record.get("type"))[:32], error=repr(exc)
             )
-            if isinstance(record.get("id"), int):
-                self.reply_result(
-                    record["id"],
-                    ok=False,
-                    permanent=False,
-                    status="4.3.0",
-                    text="the parent could not carry out the request",
-                )
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self.fail_request(record, fds, "the parent could not carry out the request")
         return True
+
+    def fail_request(self, record: dict[str, Any], fds: list[int], text: str) -> None:
+        """A request that could not be carried out: a temporary failure, its fds closed."""
+        if isinstance(record.get("id"), int):
+            self.reply_result(record["id"], ok=False, permanent=False, status="4.3.0", text=text)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def handle(self, record: dict[str, Any], fds: list[int]) -> None:
         kind = record["type"]
@@ -762,16 +750,26 @@ def start_delivery_agent(hostname: str, threads: int) -> tuple[socket.socket, in
 def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:  # the daemon died before prctl took effect
         os._exit(0)
 
 
-_libc: Any = None
+_LIBC: list[Any] = []  # the C library, once loaded (None where it cannot be)
+
+
+def _libc() -> Any:
+    if not _LIBC:
+        try:
+            import ctypes
+
+            _LIBC.append(ctypes.CDLL(None))
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
 
 
 def trim_heap() -> None:
@@ -780,20 +778,13 @@ def trim_heap() -> None:
     After a burst of mail the allocator keeps what the burst freed, mostly in the per-thread
     arenas of the delivery threads; an idle daemon calls this so its footprint goes back down.
     """
-    global _libc
     import gc
 
     gc.collect()  # cycles freed first, so more of the heap is free to give back
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        if _libc is None:
-            import ctypes
-
-            _libc = ctypes.CDLL(None)
-        _libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        _libc = False
+    libc = _libc() if sys.platform.startswith("linux") else None
+    if libc is not None:
+        with contextlib.suppress(AttributeError):  # not glibc (musl has no malloc_trim)
+            libc.malloc_trim(0)
 
 
 class DeliveryAgent:

@@ -590,11 +590,11 @@ class FsQueue(Queue):
             return self._cache.get(msgid)
 
     def read_message(self, msgid: int) -> bytes:
-        with self._lock:
-            cached = self._cache.get(msgid)
-            msg = self._messages.get(msgid)
+        cached = self.cached_message(msgid)
         if cached is not None:
             return cached
+        with self._lock:
+            msg = self._messages.get(msgid)
         if msg is None:
             raise QueueError(f"message {format_id(msgid)} is not in the queue")
         try:

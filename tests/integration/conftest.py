@@ -51,6 +51,19 @@ action "local" maildir "@MAILDIR@" alias <aliases>
 match from local for local action "local"
 """
 
+#: The control tests' configuration: mail for flaky@localhost goes to a Maildir the tests can
+#: make fail (``@DIR@/flaky``), the aliases come from ``@DIR@/aliases``.
+FLAKY_CONFIG = """\
+# control tests
+table aliases file:@DIR@/aliases
+table flakyrcpts { "flaky@localhost" }
+listen on 127.0.0.1 port @PORT@
+action "flaky" maildir "@DIR@/flaky" alias <aliases>
+action "local" maildir "@MAILDIR@" alias <aliases>
+match from local for rcpt-to <flakyrcpts> action "flaky"
+match from local for local action "local"
+"""
+
 #: An RFC 3463 enhanced status code right after the reply code.
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 

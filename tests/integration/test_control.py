@@ -22,6 +22,7 @@ import pytest
 from homemail.ctl import ControlClient, verify_password
 
 from .conftest import (
+    FLAKY_CONFIG,
     HOMEMAILCTL,
     LOCAL_RCPT,
     USER,
@@ -37,16 +38,7 @@ from .conftest import (
 
 pytestmark = pytest.mark.timeout(120)
 
-CONFIG = """\
-# control-socket tests
-table aliases file:@DIR@/aliases
-table flakyrcpts { "flaky@localhost" }
-listen on 127.0.0.1 port @PORT@
-action "flaky" maildir "@DIR@/flaky" alias <aliases>
-action "local" maildir "@MAILDIR@" alias <aliases>
-match from local for rcpt-to <flakyrcpts> action "flaky"
-match from local for local action "local"
-"""
+CONFIG = FLAKY_CONFIG
 
 ALIASES = """\
 # aliases for the control tests: this comment must survive every edit

@@ -34,6 +34,7 @@ import pytest
 import homemail
 
 from .conftest import (
+    FLAKY_CONFIG,
     Daemon,
     LineReader,
     accepted_msgid,
@@ -50,16 +51,7 @@ pytestmark = [
 
 PYTHON = "/usr/bin/python3"
 
-CONFIG = """\
-# control access tests
-table aliases file:@DIR@/aliases
-table flakyrcpts { "flaky@localhost" }
-listen on 127.0.0.1 port @PORT@
-action "flaky" maildir "@DIR@/flaky" alias <aliases>
-action "local" maildir "@MAILDIR@" alias <aliases>
-match from local for rcpt-to <flakyrcpts> action "flaky"
-match from local for local action "local"
-"""
+CONFIG = FLAKY_CONFIG
 
 ALIASES = """\
 # aliases for the access tests
