@@ -23,7 +23,14 @@ _stamp_cache: list[object] = [0, ""]
 
 def quote(value: object) -> str:
     text = str(value)
-    if text and all(c.isprintable() and c not in ' "=\\' for c in text):
+    if (
+        text
+        and text.isprintable()
+        and " " not in text
+        and '"' not in text
+        and "=" not in text
+        and "\\" not in text
+    ):
         return text
     out = []
     for c in text:

@@ -33,6 +33,7 @@ from homemail.ruleset import Rejected, Ruleset, Source, Target, source_for
 IDENT = "ESMTP homemail"
 MAX_RECEIVED = 100
 LISTEN_BACKLOG = 1024  # OpenSMTPD's 5 makes simultaneous clients wait on SYN retransmits
+SESSION_TIMEOUT = 300.0  # seconds without a command or data before the connection is closed
 MAX_LINE = 1000  # octets, CR LF included (RFC 5321 4.5.3.1.6)
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_STATUS = {
@@ -152,6 +153,7 @@ class Session(SMTP):
         *,
         source: Source | None = None,
         uid: int = -1,
+        timeout: float = SESSION_TIMEOUT,
     ) -> None:
         self.ctx = ctx
         self.listener = listener
@@ -162,13 +164,14 @@ class Session(SMTP):
         self.source = source or Source("remote", "")
         self.uid = uid
         self.lost = False
+        self._deadline = 0.0
         super().__init__(
             _Hooks(self),
             data_size_limit=ctx.max_message_size,
             enable_SMTPUTF8=True,
             hostname=listener.hostname or ctx.hostname,
             ident=IDENT,
-            timeout=300,
+            timeout=timeout,
             command_call_limit=None,
             loop=asyncio.get_running_loop(),
         )
@@ -215,6 +218,23 @@ class Session(SMTP):
         """The client closed its side and every command it sent has been answered."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and re-arms a timer on every command and every read of DATA.  One
+        # timer per session is enough: the activity moves a deadline, checked when it fires.
+        # None is armed once the connection is gone (it would keep the session for minutes).
+        if self.lost:
+            return
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled():
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+
+    def _timeout_due(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+        else:
+            self._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def push(self, status: Any) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -596,16 +616,27 @@ def build_message(
             token = f"{random_bits(64):016x}"
             added.append(f"Message-ID: <{token}.{format_id(msgid)}@{hostname}>\r\n")
         if not _has_header(headers, b"date"):
-            added.append(f"Date: {formatdate(now, localtime=True)}\r\n")
+            added.append(f"Date: {_rfc5322_date(now)}\r\n")
     parts = ["Received: "]
     if origin is not None:
         parts.append(f"from {origin}\r\n\t")
     parts.append(f"by {hostname} (homemail) with {proto} id {format_id(msgid)}")
     if single_rcpt is not None:
         parts.append(f"\r\n\tfor <{single_rcpt}>")
-    parts.append(f";\r\n\t{formatdate(now, localtime=True)}\r\n")
+    parts.append(f";\r\n\t{_rfc5322_date(now)}\r\n")
     received = "".join(parts).encode("utf-8", "surrogateescape")
     return received + headers + "".join(added).encode() + body
+
+
+_date_cache: list[Any] = [None, ""]
+
+
+def _rfc5322_date(now: float) -> str:
+    """The local date and time of NOW to the second, formatted once per second."""
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache[:] = [second, formatdate(second, localtime=True)]
+    return str(_date_cache[1])
 
 
 def make_envelopes(

@@ -1,0 +1,89 @@
+"""The idle timeout of an SMTP session on a real socket: activity keeps it open, silence ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import time
+
+from homemail.aliases import UserDb
+from homemail.config import Listener, Location, parse_string
+from homemail.ruleset import Ruleset
+from homemail.smtp import ServerContext, Session
+
+TIMEOUT = 0.5
+
+
+async def _server() -> tuple[asyncio.AbstractServer, int, list[bytes]]:
+    received: list[bytes] = []
+
+    async def enqueue(message: bytes, envelopes: object) -> None:
+        received.append(message)
+
+    cfg = parse_string(
+        f'table aliases {{ postmaster = "{pwd.getpwuid(os.getuid()).pw_name}" }}\n'
+        'action "l" maildir alias <aliases>\n'
+        'match from any for local action "l"\n'
+    )
+    ctx = ServerContext(
+        hostname="mx.test",
+        ruleset=Ruleset(cfg, UserDb(user_mode=True), "mx.test"),
+        max_message_size=1 << 20,
+        max_mails=100,
+        max_rcpt=100,
+        queue_ttl=3600,
+        enqueue=enqueue,
+    )
+    listener = Listener("127.0.0.1", 0, None, None, False, Location("<test>", 1, 1))
+    server = await asyncio.get_running_loop().create_server(
+        lambda: Session(ctx, listener, timeout=TIMEOUT), "127.0.0.1", 0
+    )
+    return server, server.sockets[0].getsockname()[1], received
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readline(), 5)
+
+
+async def test_commands_keep_the_session_open_past_the_timeout_and_silence_closes_it() -> None:
+    server, port, _ = await _server()
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        start = time.monotonic()
+        while time.monotonic() - start < TIMEOUT * 3:  # well past one timeout, never idle for it
+            writer.write(b"NOOP\r\n")
+            assert (await _reply(reader)).startswith(b"250 ")
+            await asyncio.sleep(TIMEOUT / 5)
+        idle = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        waited = time.monotonic() - idle
+        assert TIMEOUT * 0.8 <= waited < TIMEOUT * 4
+        writer.close()
+
+
+async def test_a_message_sent_slowly_is_not_cut_off() -> None:
+    server, port, received = await _server()
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        for command in (b"HELO client.test", b"MAIL FROM:<a@client.test>", b"RCPT TO:<postmaster>"):
+            writer.write(command + b"\r\n")
+            assert (await _reply(reader)).startswith(b"250 ")
+        writer.write(b"DATA\r\n")
+        assert (await _reply(reader)).startswith(b"354 ")
+        writer.write(b"Subject: slow\r\n\r\n")
+        body = b""
+        start = time.monotonic()
+        while time.monotonic() - start < TIMEOUT * 3:  # the body takes three timeouts to arrive
+            line = b"line %d\r\n" % len(body)
+            writer.write(line)
+            body += line
+            await asyncio.sleep(TIMEOUT / 5)
+        writer.write(b".\r\n")
+        assert (await _reply(reader)).startswith(b"250 ")
+        assert len(received) == 1 and received[0].endswith(b"\r\n\r\n" + body)
+        writer.write(b"QUIT\r\n")
+        assert (await _reply(reader)).startswith(b"221 ")
+        writer.close()
