@@ -8,6 +8,7 @@ address that leads to nobody is refused then rather than bounced later.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -47,11 +48,15 @@ class Rejected(Exception):
 
 
 def source_for(address: str, tag: str | None) -> Source:
+    return Source("local" if _is_loopback(address) else "remote", address, tag)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_loopback(address: str) -> bool:
     try:
-        loopback = ipaddress.ip_address(address.split("%")[0]).is_loopback
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
     except ValueError:
-        loopback = False
-    return Source("local" if loopback else "remote", address, tag)
+        return False
 
 
 def local_names(cfg: Config, hostname: str) -> set[str]:
