@@ -20,9 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any
+from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, syntax
 
 from homemail import log
 from homemail.address import AddressError, parse_path
@@ -134,11 +134,16 @@ class ServerContext:
 class Session(SMTP):
     """One SMTP connection."""
 
+    # aiosmtpd builds its tables of smtp_* and auth_* methods by reflection on every new
+    # connection, a third of the cost of accepting one.  The first session of a class lets it
+    # (seeing only those names, through __dir__) and the tables are recorded; later sessions
+    # hide their names from it and bind the same methods from that record.
     _dir_names: list[str] | None = None
+    _reflected: ClassVar[tuple[list[tuple[str, str]], list[tuple[str, str, Any]]] | None] = None
 
     def __dir__(self) -> list[str]:
-        # aiosmtpd finds its smtp_*, auth_* and handle_* methods by reflection on every new
-        # connection; listing only those keeps that from costing a tenth of a session's CPU.
+        if self.__dict__.get("_hide_names"):
+            return []
         cls = type(self)
         if cls._dir_names is None:
             cls._dir_names = sorted(
@@ -165,6 +170,8 @@ class Session(SMTP):
         self.uid = uid
         self.lost = False
         self._deadline = 0.0
+        cls = type(self)
+        self._hide_names = cls._reflected is not None
         super().__init__(
             _Hooks(self),
             data_size_limit=ctx.max_message_size,
@@ -175,6 +182,19 @@ class Session(SMTP):
             command_call_limit=None,
             loop=asyncio.get_running_loop(),
         )
+        if cls._reflected is None:
+            cls._reflected = (
+                [(command, method.__name__) for command, method in self._smtp_methods.items()],
+                [(name, m.method.__name__, m) for name, m in self._auth_methods.items()],
+            )
+        else:
+            self._hide_names = False
+            smtp, auth = cls._reflected
+            self._smtp_methods = {command: getattr(self, attr) for command, attr in smtp}
+            self._auth_methods = {
+                name: m._replace(method=getattr(self if m.is_builtin else self.event_handler, attr))
+                for name, attr, m in auth
+            }
 
     # -- connection --------------------------------------------------------------------------
 
@@ -251,6 +271,7 @@ class Session(SMTP):
 
     # -- commands ----------------------------------------------------------------------------
 
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
@@ -274,6 +295,7 @@ class Session(SMTP):
         ]
         await self.reply_lines([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])
 
+    @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
@@ -285,6 +307,7 @@ class Session(SMTP):
         self.session.host_name = hostname
         await self.push(f"250 {self.hostname} Hello {hostname}")
 
+    @syntax("RSET")
     async def smtp_RSET(self, arg: str) -> None:
         if arg:
             await self.push("501 5.5.4 Syntax: RSET")
@@ -293,6 +316,7 @@ class Session(SMTP):
         self.txn = None
         await self.push("250 2.0.0 Reset state")
 
+    @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:
         await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 
@@ -340,6 +364,7 @@ class Session(SMTP):
             return None
         return path, params
 
+    @syntax("MAIL FROM:<address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -405,6 +430,7 @@ class Session(SMTP):
         self.envelope.mail_from = txn.sender or "<>"
         await self.push("250 2.1.0 Ok")
 
+    @syntax("RCPT TO:<address>", extended=" [SP <rcpt-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -465,6 +491,7 @@ class Session(SMTP):
         self.envelope.rcpt_tos.append(rcpt.rcpt)
         await self.push("250 2.1.5 Recipient ok")
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
@@ -853,17 +880,14 @@ class SmtpServer:
             )
 
     async def close_key(self, key: ListenerKey) -> None:
+        # close() closes the listening sockets at once, so the address can be bound again;
+        # sessions already open on them carry on.  wait_closed() is not awaited: from Python
+        # 3.12 asyncio's waits for every one of those sessions to end.
         for server in self.servers.pop(key, []):
             server.close()
-            await server.wait_closed()
+        await asyncio.sleep(0)
 
     def close(self) -> None:
         for servers in self.servers.values():
             for server in servers:
                 server.close()
-
-    async def wait_closed(self) -> None:
-        for servers in self.servers.values():
-            for server in servers:
-                await server.wait_closed()
-        self.servers.clear()

@@ -17,6 +17,7 @@ from .conftest import (
     USER,
     Daemon,
     accepted_msgid,
+    free_port,
     poll,
     port_open,
     run_homemail,
@@ -105,6 +106,36 @@ def test_sighup_reload_keeps_open_sessions(running: Daemon) -> None:
         assert s.rcpt("carol@localhost")[0] == 250
         assert s.data(f"Subject: {tok}\r\n\r\nacross a reload\r\n".encode())[0] == 250
     assert poll(lambda: [m for m in running.maildir_messages() if tok.encode() in m], 20)
+
+
+def test_sighup_moving_the_listener_keeps_its_open_session(running: Daemon) -> None:
+    old_port, new_port = running.port, free_port()
+    first, second = token(), token()
+    with running.smtp() as s:
+        s.ehlo()
+        assert s.mail("x@example.org")[0] == 250
+        mark = running.log_mark()
+        running.write_config(DEFAULT_CONFIG.replace("port @PORT@", f"port {new_port}"))
+        running.hup()
+        running.wait_for_log(r"smtpd reloaded", since=mark)
+        assert port_open(new_port)
+        assert not port_open(old_port)
+        # the session on the listener that went away carries on...
+        assert s.rcpt(LOCAL_RCPT)[0] == 250
+        assert s.data(f"Subject: {first}\r\n\r\non the old port\r\n".encode())[0] == 250
+        # ...and its address can be taken back while it is still open
+        mark = running.log_mark()
+        running.write_config(DEFAULT_CONFIG)
+        running.hup()
+        running.wait_for_log(r"smtpd reloaded", since=mark)
+        assert port_open(old_port)
+        assert not port_open(new_port)
+        assert s.noop()[0] == 250
+    accepted_msgid(
+        send(running, "x@example.org", [LOCAL_RCPT], f"Subject: {second}\r\n\r\nback\r\n".encode())
+    )
+    running.wait_for_message(first)
+    running.wait_for_message(second)
 
 
 # -- SIGTERM ---------------------------------------------------------------------------------

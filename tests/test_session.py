@@ -1,4 +1,4 @@
-"""The idle timeout of an SMTP session on a real socket: activity keeps it open, silence ends it."""
+"""Session on a real socket: the idle timeout, and the command tables every session gets."""
 
 from __future__ import annotations
 
@@ -87,3 +87,33 @@ async def test_a_message_sent_slowly_is_not_cut_off() -> None:
         writer.write(b"QUIT\r\n")
         assert (await _reply(reader)).startswith(b"221 ")
         writer.close()
+
+
+async def _dialogue(port: int, commands: list[bytes]) -> list[bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    replies = [await _reply(reader)]
+    for command in commands:
+        writer.write(command + b"\r\n")
+        reply = b""
+        while True:
+            line = await _reply(reader)
+            reply += line
+            if line[3:4] != b"-":
+                break
+        replies.append(reply)
+    writer.close()
+    return replies
+
+
+async def test_later_sessions_know_the_same_commands_as_the_first() -> None:
+    server, port, _ = await _server()
+    commands = [b"HELP", b"HELP MAIL", b"EHLO client.test", b"AUTH PLAIN", b"NOSUCH"]
+    commands += [b"VRFY a", b"EXPN a", b"RSET", b"NOOP", b"STARTTLS", b"DATA", b"QUIT"]
+    async with server:
+        first = await _dialogue(port, commands)
+        later = [await _dialogue(port, commands) for _ in range(3)]
+    assert first[1].startswith(b"250 ") and b"EHLO" in first[1] and b"MAIL" in first[1]
+    assert first[2].startswith(b"250 ") and b"MAIL FROM" in first[2]
+    assert first[4][:1] == b"5"  # AUTH is refused without TLS, by aiosmtpd's own handler
+    assert first[5].startswith(b"500 ")
+    assert all(replies == first for replies in later)
