@@ -191,8 +191,9 @@ class Session(SMTP):
             self._hide_names = False
             smtp, auth = cls._reflected
             self._smtp_methods = {command: getattr(self, attr) for command, attr in smtp}
+            handler = self.event_handler
             self._auth_methods = {
-                name: m._replace(method=getattr(self if m.is_builtin else self.event_handler, attr))
+                name: type(m)(getattr(self if m.is_builtin else handler, attr), m.is_builtin)
                 for name, attr, m in auth
             }
 
