@@ -292,12 +292,24 @@ class Daemon:
     # -- queue entry points ------------------------------------------------------------------
 
     async def enqueue(self, message: bytes, envelopes: list[Envelope]) -> None:
-        # shielded: a session cancelled while the commit is in flight (the client vanished)
-        # must not leave a committed message unscheduled
-        await asyncio.shield(self._enqueue(message, envelopes))
+        """Commit a message; its deliveries start once the caller's current step is over.
 
-    async def _enqueue(self, message: bytes, envelopes: list[Envelope]) -> None:
-        await self.queue.commit(message, envelopes)
+        That step is the session writing its 250, so the reply goes out before the first
+        delivery of the message is dispatched.  The commit is shielded: a session cancelled
+        while it is in flight (the client vanished) does not leave a committed message
+        unscheduled.
+        """
+        commit = asyncio.ensure_future(self.queue.commit(message, envelopes))
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            commit.add_done_callback(lambda _: self._committed(commit, envelopes))
+            raise
+        asyncio.get_running_loop().call_soon(self._committed, commit, envelopes)
+
+    def _committed(self, commit: asyncio.Future[None], envelopes: list[Envelope]) -> None:
+        if commit.cancelled() or commit.exception() is not None:
+            return
         self.scheduler.stats["queue.commit"] += 1
         self.scheduler.schedule(envelopes)
 

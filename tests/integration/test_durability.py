@@ -8,6 +8,8 @@ exactly once, intact; messages that did not get a 250 may or may not be there, b
 from __future__ import annotations
 
 import smtplib
+import socket
+import struct
 import threading
 from collections import Counter
 
@@ -223,3 +225,28 @@ def test_sigterm_then_start_keeps_accepted_mail(daemon: Daemon) -> None:
     settle(daemon)
     assert len(daemon.maildir_messages()) == 10
     assert "Traceback" not in daemon.log()
+
+
+def test_a_client_that_vanishes_after_the_final_dot_still_gets_its_mail_delivered(
+    running: Daemon,
+) -> None:
+    """The session ends (a reset) while its message is being committed: the commit stands and
+    the message is delivered, as it would have been after the 250 the client never read."""
+    tokens = [token() for _ in range(20)]
+    for tok in tokens:
+        sock = socket.create_connection(("127.0.0.1", running.port), timeout=30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.recv(1024)  # the banner
+        # pipelined, so the dot arrives with the commands and the reset right after it
+        sock.sendall(
+            f"HELO client.test\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<{LOCAL_RCPT}>\r\n".encode()
+        )
+        replies = b""
+        while replies.count(b"\r\n") < 3:
+            replies += sock.recv(1024)
+        sock.sendall(b"DATA\r\n")
+        assert sock.recv(1024).startswith(b"354")
+        sock.sendall(f"Subject: {tok}\r\n\r\ngone before the reply\r\n.\r\n".encode())
+        sock.close()  # SO_LINGER 0: a reset, not a FIN
+    for tok in tokens:
+        running.wait_for_message(tok)
