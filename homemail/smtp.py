@@ -135,21 +135,24 @@ class Session(SMTP):
     """One SMTP connection."""
 
     # aiosmtpd builds its tables of smtp_* and auth_* methods by reflection on every new
-    # connection, a third of the cost of accepting one.  The first session of a class lets it
-    # (seeing only those names, through __dir__) and the tables are recorded; later sessions
-    # hide their names from it and bind the same methods from that record.
-    _dir_names: list[str] | None = None
-    _reflected: ClassVar[tuple[list[tuple[str, str]], list[tuple[str, str, Any]]] | None] = None
+    # connection, a third of the cost of accepting one.  The first session of each class lets it
+    # (seeing only those names, through __dir__) and the tables are recorded, by method name;
+    # later sessions hide their names from it and bind the same methods from that record.
+    _dir_names: ClassVar[list[str] | None] = None
+    _tables: ClassVar[tuple[list[tuple[str, str]], list[tuple[str, str, bool, Any]]] | None]
+    _tables = None
 
     def __dir__(self) -> list[str]:
         if self.__dict__.get("_hide_names"):
             return []
         cls = type(self)
-        if cls._dir_names is None:
-            cls._dir_names = sorted(
+        names: list[str] | None = cls.__dict__.get("_dir_names")
+        if names is None:
+            names = sorted(
                 {n for k in cls.__mro__ for n in vars(k) if n.startswith(("smtp_", "auth_"))}
             )
-        return cls._dir_names
+            cls._dir_names = names
+        return names
 
     def __init__(
         self,
@@ -169,9 +172,11 @@ class Session(SMTP):
         self.source = source or Source("remote", "")
         self.uid = uid
         self.lost = False
-        self._deadline = 0.0
+        self._deadline = self._armed_for = 0.0
         cls = type(self)
-        self._hide_names = cls._reflected is not None
+        tables: tuple[list[tuple[str, str]], list[tuple[str, str, bool, Any]]] | None
+        tables = cls.__dict__.get("_tables")  # this class's own, not a parent's
+        self._hide_names = tables is not None
         super().__init__(
             _Hooks(self),
             data_size_limit=ctx.max_message_size,
@@ -182,19 +187,22 @@ class Session(SMTP):
             command_call_limit=None,
             loop=asyncio.get_running_loop(),
         )
-        if cls._reflected is None:
-            cls._reflected = (
+        if tables is None:  # names only: a bound method here would keep this session alive
+            cls._tables = (
                 [(command, method.__name__) for command, method in self._smtp_methods.items()],
-                [(name, m.method.__name__, m) for name, m in self._auth_methods.items()],
+                [
+                    (name, m.method.__name__, m.is_builtin, type(m))
+                    for name, m in self._auth_methods.items()
+                ],
             )
         else:
             self._hide_names = False
-            smtp, auth = cls._reflected
+            smtp, auth = tables
             self._smtp_methods = {command: getattr(self, attr) for command, attr in smtp}
             handler = self.event_handler
             self._auth_methods = {
-                name: type(m)(getattr(self if m.is_builtin else handler, attr), m.is_builtin)
-                for name, attr, m in auth
+                name: kind(getattr(self if builtin else handler, attr), builtin)
+                for name, attr, builtin, kind in auth
             }
 
     # -- connection --------------------------------------------------------------------------
@@ -241,19 +249,26 @@ class Session(SMTP):
             self.transport.close()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        # aiosmtpd cancels and re-arms a timer on every command and every read of DATA.  One
-        # timer per session is enough: the activity moves a deadline, checked when it fires.
+        # aiosmtpd cancels and re-arms a timer for every command (and _read_data calls this for
+        # every chunk of DATA).  One timer per session is enough: activity moves a deadline,
+        # checked when the timer fires; only a deadline earlier than the armed one re-arms it.
         # None is armed once the connection is gone (it would keep the session for minutes).
         if self.lost:
             return
         self._deadline = self.loop.time() + (duration or self._timeout_duration)
         handle = self._timeout_handle
-        if handle is None or handle.cancelled():
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+        if handle is None or handle.cancelled() or self._deadline < self._armed_for:
+            if handle is not None:
+                handle.cancel()
+            self._arm_timeout()
+
+    def _arm_timeout(self) -> None:
+        self._armed_for = self._deadline
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
 
     def _timeout_due(self) -> None:
         if self.loop.time() < self._deadline:
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+            self._arm_timeout()
         else:
             self._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -881,12 +896,11 @@ class SmtpServer:
             )
 
     async def close_key(self, key: ListenerKey) -> None:
-        # close() closes the listening sockets at once, so the address can be bound again;
-        # sessions already open on them carry on.  wait_closed() is not awaited: from Python
-        # 3.12 asyncio's waits for every one of those sessions to end.
+        # close() closes the listening sockets at once (asyncio and uvloop alike), so the
+        # address can be bound again; sessions already open on them carry on.  wait_closed() is
+        # not awaited: from Python 3.12 asyncio's waits for every one of those sessions to end.
         for server in self.servers.pop(key, []):
             server.close()
-        await asyncio.sleep(0)
 
     def close(self) -> None:
         for servers in self.servers.values():

@@ -303,12 +303,19 @@ class Daemon:
         try:
             await asyncio.shield(commit)
         except asyncio.CancelledError:
-            commit.add_done_callback(lambda _: self._committed(commit, envelopes))
+            commit.add_done_callback(lambda _: self._committed(commit, envelopes, orphaned=True))
             raise
         asyncio.get_running_loop().call_soon(self._committed, commit, envelopes)
 
-    def _committed(self, commit: asyncio.Future[None], envelopes: list[Envelope]) -> None:
-        if commit.cancelled() or commit.exception() is not None:
+    def _committed(
+        self, commit: asyncio.Future[None], envelopes: list[Envelope], orphaned: bool = False
+    ) -> None:
+        if commit.cancelled():
+            return
+        error = commit.exception()
+        if error is not None:
+            if orphaned:  # nobody is left to answer 451: say it here
+                log.event("-", "queue", "commit-failed", error=str(error), envelopes=len(envelopes))
             return
         self.scheduler.stats["queue.commit"] += 1
         self.scheduler.schedule(envelopes)

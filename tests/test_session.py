@@ -7,6 +7,8 @@ import os
 import pwd
 import time
 
+import pytest
+
 from homemail.aliases import UserDb
 from homemail.config import Listener, Location, parse_string
 from homemail.ruleset import Ruleset
@@ -15,7 +17,9 @@ from homemail.smtp import ServerContext, Session
 TIMEOUT = 0.5
 
 
-async def _server() -> tuple[asyncio.AbstractServer, int, list[bytes]]:
+async def _server(
+    sessions: list[Session] | None = None, timeout: float = TIMEOUT
+) -> tuple[asyncio.AbstractServer, int, list[bytes]]:
     received: list[bytes] = []
 
     async def enqueue(message: bytes, envelopes: object) -> None:
@@ -36,9 +40,14 @@ async def _server() -> tuple[asyncio.AbstractServer, int, list[bytes]]:
         enqueue=enqueue,
     )
     listener = Listener("127.0.0.1", 0, None, None, False, Location("<test>", 1, 1))
-    server = await asyncio.get_running_loop().create_server(
-        lambda: Session(ctx, listener, timeout=TIMEOUT), "127.0.0.1", 0
-    )
+
+    def session() -> Session:
+        made = Session(ctx, listener, timeout=timeout)
+        if sessions is not None:
+            sessions.append(made)
+        return made
+
+    server = await asyncio.get_running_loop().create_server(session, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], received
 
 
@@ -55,11 +64,25 @@ async def test_commands_keep_the_session_open_past_the_timeout_and_silence_close
         while time.monotonic() - start < TIMEOUT * 3:  # well past one timeout, never idle for it
             writer.write(b"NOOP\r\n")
             assert (await _reply(reader)).startswith(b"250 ")
+            last = time.monotonic()  # the server read that NOOP before answering it
             await asyncio.sleep(TIMEOUT / 5)
-        idle = time.monotonic()
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
-        waited = time.monotonic() - idle
+        waited = time.monotonic() - last
         assert TIMEOUT * 0.8 <= waited < TIMEOUT * 4
+        writer.close()
+
+
+async def test_a_shorter_timeout_set_later_takes_effect() -> None:
+    # aiosmtpd sets a shorter timeout right after the session's own (its PROXY header wait)
+    sessions: list[Session] = []
+    server, port, _ = await _server(sessions, timeout=60.0)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")  # its timer is armed for 60 s
+        start = time.monotonic()
+        sessions[0]._reset_timeout(TIMEOUT)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert time.monotonic() - start < TIMEOUT * 4
         writer.close()
 
 
@@ -105,8 +128,12 @@ async def _dialogue(port: int, commands: list[bytes]) -> list[bytes]:
     return replies
 
 
-async def test_later_sessions_know_the_same_commands_as_the_first() -> None:
-    server, port, _ = await _server()
+async def test_later_sessions_know_the_same_commands_as_the_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Session, "_tables", None)  # the next session reflects and records
+    sessions: list[Session] = []
+    server, port, _ = await _server(sessions)
     commands = [b"HELP", b"HELP MAIL", b"EHLO client.test", b"AUTH PLAIN", b"NOSUCH"]
     commands += [b"VRFY a", b"EXPN a", b"RSET", b"NOOP", b"STARTTLS", b"DATA", b"QUIT"]
     async with server:
@@ -117,3 +144,10 @@ async def test_later_sessions_know_the_same_commands_as_the_first() -> None:
     assert first[4][:1] == b"5"  # AUTH is refused without TLS, by aiosmtpd's own handler
     assert first[5].startswith(b"500 ")
     assert all(replies == first for replies in later)
+    tables = [(s._smtp_methods, s._auth_methods) for s in sessions]
+    names = [(sorted(smtp), sorted(auth)) for smtp, auth in tables]
+    assert names[0][0] == [n[5:] for n in dir(sessions[0]) if n.startswith("smtp_")]
+    assert all(n == names[0] for n in names)
+    for session, (smtp, auth) in zip(sessions, tables, strict=True):  # bound to their own session
+        assert all(method.__self__ is session for method in smtp.values())
+        assert all(m.method.__self__ is session for m in auth.values() if m.is_builtin)

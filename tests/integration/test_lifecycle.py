@@ -109,6 +109,9 @@ def test_sighup_reload_keeps_open_sessions(running: Daemon) -> None:
 
 
 def test_sighup_moving_the_listener_keeps_its_open_session(running: Daemon) -> None:
+    # The reload must not wait for the sessions of a listener it closes (asyncio's wait_closed
+    # does from Python 3.12; on 3.11 and uvloop it returns at once), and the address it frees
+    # can be bound again while such a session is still open.
     old_port, new_port = running.port, free_port()
     first, second = token(), token()
     with running.smtp() as s:

@@ -1,0 +1,100 @@
+"""Daemon.enqueue on its own: the commit outlives a cancelled caller, deliveries start after the
+caller's step (the session writes its 250 in it), and a failed commit schedules nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from homemail.queue import QueueError
+from homemail.smtpd import Daemon
+
+
+class Queue:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def commit(self, message: bytes, envelopes: list[Any]) -> None:
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class Scheduler:
+    def __init__(self, order: list[str]) -> None:
+        self.order = order
+        self.scheduled: list[list[Any]] = []
+        self.stats: Counter[str] = Counter()
+
+    def schedule(self, envelopes: list[Any]) -> None:
+        self.order.append("schedule")
+        self.scheduled.append(envelopes)
+
+
+def daemon(order: list[str]) -> Any:
+    fake = types.SimpleNamespace(queue=Queue(), scheduler=Scheduler(order))
+    fake._committed = types.MethodType(Daemon._committed, fake)
+    return fake
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_deliveries_start_after_the_callers_step() -> None:
+    order: list[str] = []
+    fake = daemon(order)
+    envelopes = [object()]
+
+    async def session() -> None:
+        await Daemon.enqueue(fake, b"message", envelopes)
+        order.append("250")  # what the session does in the same step
+
+    fake.queue.release.set()
+    await session()
+    await settle()
+    assert order == ["250", "schedule"]
+    assert fake.scheduler.scheduled == [envelopes]
+    assert fake.scheduler.stats["queue.commit"] == 1
+
+
+async def test_a_caller_cancelled_during_the_commit_still_has_its_envelopes_scheduled() -> None:
+    fake = daemon([])
+    envelopes = [object()]
+    caller = asyncio.ensure_future(Daemon.enqueue(fake, b"message", envelopes))
+    await settle()
+    caller.cancel()  # the client vanished with the commit in flight
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert fake.scheduler.scheduled == []
+    fake.queue.release.set()  # the commit lands afterwards
+    await settle()
+    assert fake.scheduler.scheduled == [envelopes]
+
+
+async def test_a_failed_commit_schedules_nothing(capfd: pytest.CaptureFixture[str]) -> None:
+    fake = daemon([])
+    fake.queue.error = QueueError("no space left on device")
+    fake.queue.release.set()
+    with pytest.raises(QueueError):  # the session answers 451
+        await Daemon.enqueue(fake, b"message", [object()])
+    await settle()
+    assert fake.scheduler.scheduled == []
+
+    fake = daemon([])
+    fake.queue.error = QueueError("no space left on device")
+    caller = asyncio.ensure_future(Daemon.enqueue(fake, b"message", [object()]))
+    await settle()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    fake.queue.release.set()
+    await settle()
+    assert fake.scheduler.scheduled == []
+    assert "queue commit-failed error=" in capfd.readouterr().err  # nobody else could say it
