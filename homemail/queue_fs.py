@@ -734,10 +734,8 @@ class FsQueue(Queue):
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
             if not self._thread.is_alive():  # nothing can change queue/ any more
-                try:
+                with contextlib.suppress(OSError):  # then the next start reads queue/ itself
                     await asyncio.to_thread(self._write_index)
-                except OSError:
-                    pass  # the next start reads queue/ itself
         if self._active_fd >= 0:
             os.close(self._active_fd)
             self._active_fd = -1

@@ -14,6 +14,7 @@ Every reply carries an enhanced status code (RFC 3463): replies written here hav
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import socket
 import time
@@ -659,27 +660,22 @@ def build_message(
             token = f"{random_bits(64):016x}"
             added.append(f"Message-ID: <{token}.{format_id(msgid)}@{hostname}>\r\n")
         if not _has_header(headers, b"date"):
-            added.append(f"Date: {_rfc5322_date(now)}\r\n")
+            added.append(f"Date: {_rfc5322_date(int(now))}\r\n")
     parts = ["Received: "]
     if origin is not None:
         parts.append(f"from {origin}\r\n\t")
     parts.append(f"by {hostname} (homemail) with {proto} id {format_id(msgid)}")
     if single_rcpt is not None:
         parts.append(f"\r\n\tfor <{single_rcpt}>")
-    parts.append(f";\r\n\t{_rfc5322_date(now)}\r\n")
+    parts.append(f";\r\n\t{_rfc5322_date(int(now))}\r\n")
     received = "".join(parts).encode("utf-8", "surrogateescape")
     return received + headers + "".join(added).encode() + body
 
 
-_date_cache: list[Any] = [None, ""]
-
-
-def _rfc5322_date(now: float) -> str:
-    """The local date and time of NOW to the second, formatted once per second."""
-    second = int(now)
-    if _date_cache[0] != second:
-        _date_cache[:] = [second, formatdate(second, localtime=True)]
-    return str(_date_cache[1])
+@functools.lru_cache(maxsize=2)
+def _rfc5322_date(second: int) -> str:
+    """The local date and time of a second, formatted once for all the messages in it."""
+    return formatdate(second, localtime=True)
 
 
 def make_envelopes(
@@ -895,7 +891,7 @@ class SmtpServer:
                 )
             )
 
-    async def close_key(self, key: ListenerKey) -> None:
+    def close_key(self, key: ListenerKey) -> None:
         # close() closes the listening sockets at once (asyncio and uvloop alike), so the
         # address can be bound again; sessions already open on them carry on.  wait_closed() is
         # not awaited: from Python 3.12 asyncio's waits for every one of those sessions to end.

@@ -737,7 +737,7 @@ class Daemon:
         old = listener_keys(self.cfg, self.user_mode)
         new = listener_keys(cfg, self.user_mode)
         for key in old.keys() - new.keys():
-            await self.server.close_key(key)
+            self.server.close_key(key)
         try:
             bound = bind_listeners(cfg, self.user_mode, keep=set(old) & set(new))
         except OSError as exc:
@@ -757,7 +757,7 @@ class Daemon:
                 os.close(fd)
             return
         for key in record.get("remove", []) or []:
-            await self.server.close_key(tuple(key))
+            self.server.close_key(tuple(key))
         try:
             cfg = await asyncio.to_thread(load_config, self.config_path, system=True)
         except ConfigError as exc:
