@@ -63,6 +63,32 @@ def test_the_daemon_has_one_delivery_process_that_delivers(running: Daemon) -> N
     assert children(running.proc.pid) == [agent]  # type: ignore[union-attr]
 
 
+def test_messages_sent_at_once_each_land_in_the_maildir_once_and_intact(running: Daemon) -> None:
+    """Concurrent deliveries share their syncs; each still lands once, byte for byte."""
+    tags = [token() for _ in range(48)]
+    failures: list[BaseException] = []
+
+    def client(mine: list[str]) -> None:
+        try:
+            for tag in mine:
+                accepted_msgid(send(running, "a@example.org", [LOCAL_RCPT], message(tag)))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(tags[i::12],)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    for tag in tags:
+        stored = running.wait_for_message(tag.encode())
+        assert f"\nSubject: {tag}\nMessage-ID: <{tag}@test>\n".encode() in stored
+        assert stored.endswith(f"\n\nbody {tag}\n".encode())
+    assert len(running.maildir_files()) == len(tags)
+    assert os.listdir(running.maildir / "tmp") == []
+
+
 def test_a_killed_delivery_process_does_not_stop_delivery(running: Daemon) -> None:
     agent = agent_of(running)
     before = token()
