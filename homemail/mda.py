@@ -33,16 +33,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import os
 import re
 import stat
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from homemail.aliases import LocalUser
@@ -70,7 +68,6 @@ _NO_HARDLINK_ERRNOS = frozenset(
     for e in (errno.EPERM, errno.EMLINK, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", None))
     if e is not None
 )
-_T = TypeVar("_T")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _MBOX_FROM = re.compile(rb"^(>*From )", re.MULTILINE)
 
@@ -169,15 +166,15 @@ def _deliver_maildir(maildir: str, data: bytes, name: str, recovered: bool) -> s
     done = _already_delivered(new_dir, cur_dir, name, recovered)
     if done is not None:
         if done == new_path:
-            _sync_new_dir(maildir, new_dir)
+            _fsync_dir(new_dir)
         return done
-    _write_new(maildir, tmp_path, data)
+    _write_new(tmp_path, data)
     try:
         _publish(tmp_path, new_path)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
-    _sync_new_dir(maildir, new_dir)
+    _fsync_dir(new_dir)
     return new_path
 
 
@@ -218,7 +215,7 @@ def _already_delivered(new_dir: str, cur_dir: str, name: str, recovered: bool) -
     return None
 
 
-def _write_new(maildir: str, tmp_path: str, data: bytes) -> None:
+def _write_new(tmp_path: str, data: bytes) -> None:
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp_path, flags, 0o600)
@@ -227,7 +224,7 @@ def _write_new(maildir: str, tmp_path: str, data: bytes) -> None:
         fd = os.open(tmp_path, flags, 0o600)
     try:
         _write_all(fd, data)
-        _sync_new_file(maildir, fd)
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -404,159 +401,56 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-class _GroupSync:
-    """Group commit for syncs: deliveries into the same Maildir share them.
+class _DirSync:
+    """Group commit for directory fsyncs: deliveries into the same ``new/`` share one.
 
-    A delivery takes a ticket once its write is done; a sync that starts after that covers it.
-    While one thread syncs, the others that wrote meanwhile wait, and one of them runs the next
-    sync for all of them, so N concurrent deliveries cost far fewer than N syncs.  A failed sync
-    covers nobody: each waiter then syncs again itself, and sees the error if it persists.
-
-    ``sync(key, one, many)``: ``one()`` syncs what the caller wrote, and must cover every writer
-    when there is no ``many``.  ``many()``, when given, is run instead while other writers are
-    waiting: it syncs the caller's write and returns whether it covered theirs too (if not, each
-    of them syncs in turn).
+    A delivery takes a ticket after its link; a sync that starts after that covers it.  While one
+    thread syncs a directory, the others that linked meanwhile wait and one of them runs the next
+    sync for all of them, so N concurrent deliveries cost far fewer than N directory syncs.
     """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.tickets: dict[str, int] = {}  # per key: tickets handed out
-        self.covered: dict[str, int] = {}  # per key: every ticket up to this one is synced
-        self.waiting: dict[str, int] = {}  # per key: callers not returned yet
-        self.running: set[str] = set()  # keys being synced now
+        self.tickets: dict[str, int] = {}
+        self.covered: dict[str, int] = {}
+        self.running: set[str] = set()
 
-    def sync(
-        self, key: str, one: Callable[[], None], many: Callable[[], bool] | None = None
-    ) -> None:
+    def sync(self, path: str) -> None:
         with self.cond:
-            ticket = self.tickets[key] = self.tickets.get(key, 0) + 1
-            self.waiting[key] = self.waiting.get(key, 0) + 1
-        try:
-            self._sync(key, ticket, one, many)
-        finally:
-            with self.cond:
-                self.waiting[key] -= 1
-                if not self.waiting[key]:  # nobody left: the key starts afresh next time
-                    del self.waiting[key], self.tickets[key]
-                    self.covered.pop(key, None)
-
-    def _sync(
-        self, key: str, ticket: int, one: Callable[[], None], many: Callable[[], bool] | None
-    ) -> None:
-        with self.cond:
+            ticket = self.tickets[path] = self.tickets.get(path, 0) + 1
             while True:
-                if self.covered.get(key, 0) >= ticket:
+                if self.covered.get(path, 0) >= ticket:
                     return
-                if key not in self.running:
-                    self.running.add(key)
-                    target = self.tickets[key]
-                    alone = self.waiting[key] == 1
+                if path not in self.running:
+                    self.running.add(path)
+                    target = self.tickets[path]
                     break
                 self.cond.wait()
-        covered_all = False
+        synced = False
         try:
-            if alone or many is None:
-                one()
-                covered_all = True
-            else:
-                covered_all = many()
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+                synced = True
+            finally:
+                os.close(fd)
         finally:
             with self.cond:
-                self.running.discard(key)
-                if covered_all:
-                    self.covered[key] = max(self.covered.get(key, 0), target)
+                self.running.discard(path)
+                if synced:
+                    self.covered[path] = max(self.covered.get(path, 0), target)
+                if len(self.covered) > 4096:  # forget idle directories
+                    for key in [k for k in self.covered if k not in self.running]:
+                        if self.covered[key] >= self.tickets.get(key, 0):
+                            del self.covered[key], self.tickets[key]
                 self.cond.notify_all()
 
 
-_maildir_syncs = _GroupSync()  # with syncfs: the new files and new/ entries of a Maildir
-_dir_syncs = _GroupSync()  # without: the entries of a new/ directory (its fsync covers them all)
+_dir_sync = _DirSync()
 
 
-def _sync_new_file(maildir: str, fd: int) -> None:
-    """Make a file just written to ``maildir``'s ``tmp/`` durable, before it is linked."""
-    syncfs = _syncfs()
-    if syncfs is None:
-        os.fsync(fd)
-    else:
-        _maildir_syncs.sync(maildir, lambda: os.fsync(fd), lambda: _sync_all(syncfs, fd))
-
-
-def _sync_new_dir(maildir: str, new_dir: str) -> None:
-    """Make the entries just linked into ``new_dir`` durable."""
-
-    def on_dir(sync: Callable[[int], _T]) -> _T:
-        fd = os.open(new_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            return sync(fd)
-        finally:
-            os.close(fd)
-
-    syncfs = _syncfs()
-    if syncfs is None:
-        _dir_syncs.sync(new_dir, lambda: on_dir(os.fsync))
-    else:
-        _maildir_syncs.sync(
-            maildir, lambda: on_dir(os.fsync), lambda: on_dir(lambda fd: _sync_all(syncfs, fd))
-        )
-
-
-def _sync_all(syncfs: Callable[[int], None], fd: int) -> bool:
-    """One ``syncfs(2)`` for every writer waiting on the Maildir, or an fsync for ``fd`` alone.
-
-    On a journalling file system the syncfs is a single commit where N fsyncs cost N (concurrent
-    fsyncs of distinct files do not batch).  But it writes back everything dirty on the file
-    system, so where much else waits to be written it would wait for other programs' writes:
-    then each writer fsyncs its own (returns False).
-    """
-    if not _little_dirty():
-        os.fsync(fd)
-        return False
-    syncfs(fd)
-    return True
-
-
-#: Above this much dirty or in-flight page cache (the whole machine's), a shared syncfs would
-#: wait for other programs' writes, so files are fsync'd one by one instead (bytes).
-SYNCFS_DIRTY_LIMIT = 64 * 1024 * 1024
-
-
-def _little_dirty() -> bool:
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            info = f.read()
-    except OSError:
-        return False
-    total = 0
-    for line in info.splitlines():
-        if line.startswith((b"Dirty:", b"Writeback:")):
-            total += int(line.split()[1]) * 1024
-    return total <= SYNCFS_DIRTY_LIMIT
-
-
-@functools.cache
-def _syncfs() -> Callable[[int], None] | None:
-    """The C library's syncfs(2), where it reports write-back errors (Linux 5.8 and later)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
-        if release < (5, 8):
-            return None
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.syncfs
-    except (OSError, AttributeError, ValueError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-
-    def syncfs(fd: int) -> None:
-        if function(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    return syncfs
+def _fsync_dir(path: str) -> None:
+    _dir_sync.sync(path)
 
 
 def _os_failure(what: str, e: OSError) -> DeliveryError:

@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import re
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
@@ -600,151 +599,38 @@ def test_delivery_error_is_one_line() -> None:
     assert (e.permanent, e.status) == (False, "4.2.0")
 
 
-class SyncCounter:
-    """Counts the syncs of deliveries, each made slow so that concurrent ones overlap."""
+def test_concurrent_deliveries_share_directory_syncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: 16 deliveries racing into one maildir need fewer than 16 dir fsyncs."""
+    import threading
+    import time as _time
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, syncfs: bool, fail: bool = False):
-        self.file_fsyncs = 0
-        self.dir_fsyncs = 0
-        self.syncfs_calls = 0
-        self.fsynced_files: set[str] = set()  # names of the files fsync'd on their own
-        self.fail = fail
-        self.real_fsync = os.fsync
-        self.real_syncfs = mda._syncfs() or (lambda fd: os.sync())
-        monkeypatch.setattr(mda.os, "fsync", self.fsync)
-        monkeypatch.setattr(mda, "_syncfs", lambda: self.syncfs if syncfs else None)
+    from homemail import mda as mda_module
 
-    def fsync(self, fd: int) -> None:
+    real_fsync = os.fsync
+    dir_syncs = []
+
+    def slow_fsync(fd: int) -> None:
         if os.path.isdir(f"/proc/self/fd/{fd}"):
-            self.dir_fsyncs += 1
-        else:
-            self.file_fsyncs += 1
-            self.fsynced_files.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-        time.sleep(0.02)
-        self.real_fsync(fd)
+            dir_syncs.append(fd)
+            _time.sleep(0.02)  # make the syncs overlap
+        real_fsync(fd)
 
-    def syncfs(self, fd: int) -> None:
-        self.syncfs_calls += 1
-        time.sleep(0.02)
-        if self.fail:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        self.real_syncfs(fd)
+    monkeypatch.setattr(mda_module.os, "fsync", slow_fsync)
+    errors: list[BaseException] = []
 
-
-def race(maildir: Path, count: int = 16) -> dict[int, BaseException]:
-    """Deliver ``count`` envelopes into ``maildir`` at once; return the failures by evpid."""
-    errors: dict[int, BaseException] = {}
-    start = threading.Barrier(count)
-
-    def deliver(evpid: int) -> None:
-        start.wait()
+    def deliver(i: int) -> None:
         try:
-            deliver_maildir(str(maildir), MESSAGE, make_delivery(evpid=evpid))
+            deliver_maildir(str(tmp_path), MESSAGE, make_delivery(evpid=(1 << 32) + i))
         except BaseException as exc:
-            errors[evpid] = exc
+            errors.append(exc)
 
-    threads = [threading.Thread(target=deliver, args=((1 << 32) + i,)) for i in range(count)]
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return errors
-
-
-def assert_delivered_once(maildir: Path, count: int = 16) -> None:
-    names = sorted(os.listdir(maildir / "new"))
-    assert [n.split(".")[1] for n in names] == [f"E{(1 << 32) + i:016x}" for i in range(count)]
-    for name in names:
-        evpid = int(name.split(".")[1][1:], 16)
-        expected = prepare(MESSAGE, make_delivery(evpid=evpid))
-        assert (maildir / "new" / name).read_bytes() == expected
-    assert os.listdir(maildir / "tmp") == []
-
-
-def test_concurrent_deliveries_share_one_syncfs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """16 deliveries racing into one Maildir: alone, each would sync twice (32 syncs)."""
-    monkeypatch.setattr(mda, "_little_dirty", lambda: True)
-    syncs = SyncCounter(monkeypatch, syncfs=True)
-    assert race(tmp_path) == {}
-    assert_delivered_once(tmp_path)
-    assert syncs.syncfs_calls >= 1
-    assert syncs.syncfs_calls + syncs.file_fsyncs + syncs.dir_fsyncs < 16
-
-
-def test_a_lone_delivery_fsyncs_its_own_file_and_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(mda, "_little_dirty", lambda: True)
-    syncs = SyncCounter(monkeypatch, syncfs=True)
-    assert race(tmp_path, 1) == {}
-    assert_delivered_once(tmp_path, 1)
-    assert (syncs.file_fsyncs, syncs.dir_fsyncs, syncs.syncfs_calls) == (1, 1, 0)
-
-
-def test_with_much_dirty_data_every_file_gets_its_own_fsync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A syncfs would wait for every other program's writes: not used above the limit."""
-    monkeypatch.setattr(mda, "SYNCFS_DIRTY_LIMIT", -1)
-    assert not mda._little_dirty()
-    syncs = SyncCounter(monkeypatch, syncfs=True)
-    assert race(tmp_path) == {}
-    assert_delivered_once(tmp_path)
-    assert syncs.syncfs_calls == 0
-    assert syncs.file_fsyncs == 16
-
-
-def test_the_dirty_limit_reads_the_machines_page_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mda, "SYNCFS_DIRTY_LIMIT", 1 << 62)
-    assert mda._little_dirty()
-    monkeypatch.setattr(mda, "SYNCFS_DIRTY_LIMIT", -1)
-    assert not mda._little_dirty()
-
-
-def test_without_syncfs_concurrent_deliveries_share_directory_syncs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where there is no syncfs (BSD, Linux before 5.8): a file fsync each, shared dir fsyncs."""
-    syncs = SyncCounter(monkeypatch, syncfs=False)
-    assert race(tmp_path) == {}
-    assert_delivered_once(tmp_path)
-    assert syncs.file_fsyncs == 16
-    assert 1 <= syncs.dir_fsyncs < 16
-
-
-def test_a_failed_syncfs_fails_the_deliveries_it_covered_and_a_retry_completes_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No delivery is reported done on a failed sync, and a retry leaves one copy of each."""
-    monkeypatch.setattr(mda, "_little_dirty", lambda: True)
-    syncs = SyncCounter(monkeypatch, syncfs=True, fail=True)
-    errors = race(tmp_path)
-    assert errors, "every shared sync failed, so some delivery must have failed"
-    for exc in errors.values():
-        assert isinstance(exc, DeliveryError) and not exc.permanent
-        assert exc.status.startswith("4.")
-    for evpid in set(range((1 << 32), (1 << 32) + 16)) - set(errors):  # done: synced on its own
-        assert mda.maildir_name(make_delivery(evpid=evpid)) in syncs.fsynced_files
-    syncs.fail = False
-    assert race(tmp_path) == {}
-    assert_delivered_once(tmp_path)
-
-
-def test_the_syncfs_of_this_system_syncs() -> None:
-    """On Linux 5.8 or later the C library's syncfs is found, and it works on a real fd."""
-    release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
-    syncfs = mda._syncfs()
-    if sys.platform.startswith("linux") and release >= (5, 8):
-        assert syncfs is not None
-        fd = os.open(".", os.O_RDONLY)
-        try:
-            syncfs(fd)
-            with pytest.raises(OSError) as bad:
-                syncfs(-1)
-            assert bad.value.errno == errno.EBADF
-        finally:
-            os.close(fd)
-    else:
-        assert syncfs is None
+    assert errors == []
+    assert len(os.listdir(tmp_path / "new")) == 16
+    assert 1 <= len(dir_syncs) < 16
