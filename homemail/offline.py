@@ -28,10 +28,12 @@ is always complete.  Names starting with a dot are never read; :func:`cleanup_st
 
 **Reading.**  The directory may be writable by users the daemon does not trust (the 2015
 OpenSMTPD audit found hard links, symlinks and FIFOs planted there), so :func:`read` refuses a
-symlink, anything but a regular file, a file with more than one link, a file over the size
-limit, a file whose owner is not the uid in its header (or not ``expected_uid``), and a header
-that is not exactly the shape above.  It opens with ``O_NOFOLLOW|O_NONBLOCK`` and checks that
-the opened file is the one it inspected.
+symlink, anything but a regular file, a file with more than one link, a file whose owner is
+not the uid in its header (or not ``expected_uid``), and a header that is not exactly the shape
+above.  It opens with ``O_NOFOLLOW|O_NONBLOCK`` and checks that the opened file is the one it
+inspected.  A message over the size limit passes the same checks, but only its start is read:
+it comes back ``refused`` (552 5.3.4), so that the daemon bounces it to its sender rather than
+dropping mail that ``sendmail`` accepted.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 VERSION = 1
-MAX_SIZE = 128 * 1024 * 1024  # default limit of a whole file, header included
+MAX_SIZE = 128 * 1024 * 1024  # the largest file sendmail writes, header line included
 MAX_HEADER = 256 * 1024
+#: Of a message over the size limit, this much of its start is read, for its header section
+#: (returned in the bounce).
+KEPT_OF_REFUSED = 64 * 1024
 TMP_PREFIX = ".tmp-"
 
 
@@ -63,6 +68,9 @@ class OfflineMessage:
     name: str = ""
     time: float = 0.0
     options: dict[str, str] = field(default_factory=dict)
+    #: An SMTP reply refusing the whole message (it is too large); then ``message`` holds only
+    #: its start, and the daemon bounces it instead of queueing it.
+    refused: str = ""
 
 
 def _one_line(value: str) -> bool:
@@ -187,9 +195,17 @@ def _parse_header(line: bytes) -> dict[str, Any]:
 
 
 def read(
-    directory: str, name: str, *, expected_uid: int | None, max_size: int = MAX_SIZE
+    directory: str,
+    name: str,
+    *,
+    expected_uid: int | None,
+    max_message: int = MAX_SIZE - MAX_HEADER - 1,
 ) -> OfflineMessage:
-    """Read and check one spool file; raise OfflineError with the reason when it is refused."""
+    """Read and check one spool file; raise OfflineError with the reason when it is refused.
+
+    A message (the part after the header line) over ``max_message`` bytes comes back with
+    ``refused`` set and only its start in ``message``.
+    """
     _check_name(name)
     try:
         dfd = _open_dir(directory)
@@ -206,8 +222,6 @@ def read(
             raise OfflineError(f"{name}: not a regular file")
         if st.st_nlink != 1:
             raise OfflineError(f"{name}: has {st.st_nlink} links")
-        if st.st_size > max_size:
-            raise OfflineError(f"{name}: larger than {max_size} bytes")
         try:
             fd = os.open(
                 name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd
@@ -224,22 +238,11 @@ def read(
             raise OfflineError(f"{name}: not a regular file with one link")
         if expected_uid is not None and fst.st_uid != expected_uid:
             raise OfflineError(f"{name}: owned by uid {fst.st_uid}, expected {expected_uid}")
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            try:
-                chunk = os.read(fd, min(1024 * 1024, max_size + 1 - total))
-            except OSError as exc:
-                raise OfflineError(f"{name}: read failed: {exc.strerror}") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_size:
-                raise OfflineError(f"{name}: larger than {max_size} bytes")
+        max_file = max_message + MAX_HEADER + 1
+        too_large = fst.st_size > max_file
+        data, more = _read_upto(fd, MAX_HEADER + KEPT_OF_REFUSED if too_large else max_file, name)
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     end = data.find(b"\n", 0, MAX_HEADER)
     if end < 0:
         raise OfflineError(f"{name}: no header line")
@@ -249,15 +252,40 @@ def read(
         raise OfflineError(f"{name}: {exc}") from None
     if header["uid"] != fst.st_uid:
         raise OfflineError(f"{name}: owned by uid {fst.st_uid} but written for uid {header['uid']}")
+    message = data[end + 1 :]
+    refused = ""
+    if too_large or more or len(message) > max_message:
+        size = max(fst.st_size, len(data)) - (end + 1)
+        refused = f"552 5.3.4 Message too big for system: {size} bytes, the limit is {max_message}"
+        kept = message[: min(KEPT_OF_REFUSED, max_message)]
+        message = kept[: kept.rfind(b"\n") + 1]  # whole lines only: the bounce returns them
     return OfflineMessage(
         sender=header["sender"],
         rcpts=list(header["rcpts"]),
-        message=data[end + 1 :],
+        message=message,
         uid=header["uid"],
         name=name,
         time=float(header["time"]),
         options=dict(header.get("options", {})),
+        refused=refused,
     )
+
+
+def _read_upto(fd: int, limit: int, name: str) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes from ``fd``, and whether there was more."""
+    chunks: list[bytes] = []
+    total = 0
+    while total <= limit:
+        try:
+            chunk = os.read(fd, min(1024 * 1024, limit + 1 - total))
+        except OSError as exc:
+            raise OfflineError(f"{name}: read failed: {exc.strerror}") from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    data = b"".join(chunks)
+    return data[:limit], total > limit
 
 
 def discard(directory: str, name: str) -> bool:

@@ -588,7 +588,7 @@ class Parent:
                 continue
             try:
                 item = offline.read(
-                    directory, name, expected_uid=None, max_size=self.cfg.max_message_size + 65536
+                    directory, name, expected_uid=None, max_message=self.cfg.max_message_size
                 )
             except offline.OfflineError as exc:
                 log.event("offline", "offline", "refused", file=name, reason=str(exc))
@@ -605,6 +605,7 @@ class Parent:
                         "rcpts": item.rcpts,
                         "uid": item.uid,
                         "options": item.options,
+                        "refused": item.refused,
                     },
                     [fd],
                 )
@@ -972,6 +973,7 @@ class WorkerChannel:
                     for k, v in (record.get("options") or {}).items()
                     if isinstance(k, str) and isinstance(v, str)
                 },
+                refused=_text(record, "refused", empty_ok=True) if "refused" in record else "",
             )
             ok = await self.on_offline(item)
         except (ChannelError, OSError) as exc:

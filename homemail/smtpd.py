@@ -422,7 +422,7 @@ class Daemon:
                 directory,
                 name,
                 expected_uid=expected,
-                max_size=self.cfg.max_message_size + 65536,
+                max_message=self.cfg.max_message_size,
             )
         except offline.OfflineError as exc:
             log.event("offline", "offline", "refused", file=name, reason=str(exc))
@@ -459,6 +459,19 @@ class Daemon:
         ]
         if "NEVER" in notify:
             notify = ["NEVER"]
+        now = time.time()
+        if item.refused:  # too large: the whole message goes back to its sender
+            log.event("offline", "offline", "refused", file=name, reason=item.refused)
+            if "NEVER" in notify:
+                return True
+            try:
+                await self._offline_bounce(
+                    item.sender, [(r, item.refused) for r in item.rcpts], item.message, now
+                )
+            except QueueError as exc:  # the file stays, and is taken again later
+                log.event("offline", "bounce", "failed", to=f"<{item.sender}>", error=str(exc))
+                return False
+            return True
         rejected: list[tuple[str, str]] = []
         for rcpt in item.rcpts:
             try:
@@ -472,7 +485,6 @@ class Daemon:
                 continue
             txn.recipients.append(Recipient(rcpt=str(address), targets=targets, notify=notify))
         msgid = self.queue.new_msgid()
-        now = time.time()
         try:
             message = build_message(
                 item.message,
@@ -500,8 +512,14 @@ class Daemon:
                 log.event(
                     "offline", "offline", "rejected", file=name, rcpt=f"<{rcpt}>", result=reply
                 )
-                if "NEVER" not in notify:
-                    await self._offline_bounce(item.sender, rcpt, reply, item.message, now)
+            if rejected and "NEVER" not in notify:
+                try:
+                    await self._offline_bounce(item.sender, rejected, item.message, now)
+                except QueueError as exc:
+                    if not envelopes:
+                        raise  # nothing taken: the file stays, and is taken again later
+                    # the rest is queued, so the file cannot be taken again
+                    log.event("offline", "bounce", "dropped", to=f"<{item.sender}>", error=str(exc))
         except QueueError as exc:
             log.event("offline", "offline", "failed", file=name, error=str(exc))
             return False
@@ -512,11 +530,15 @@ class Daemon:
         return True
 
     async def _offline_bounce(
-        self, sender: str, rcpt: str, reply: str, original: bytes, now: float
+        self, sender: str, failed: list[tuple[str, str]], original: bytes, now: float
     ) -> None:
+        """Bounce offline mail refused for ``failed`` (recipient, reply) to its sender.
+
+        Raises QueueError when the bounce cannot be queued; a sender with no route is logged
+        and dropped, as a bounce would be.
+        """
         if not sender:
             return
-        status = reply.split(" ")[1] if reply.count(" ") >= 1 else "5.0.0"
         message = bounce.make_dsn(
             kind="failure",
             reporting_mta=self.hostname,
@@ -527,18 +549,19 @@ class Daemon:
                     final_recipient=rcpt,
                     original_recipient=None,
                     action="failed",
-                    status=status,
+                    status=reply.split(" ")[1] if reply.count(" ") >= 1 else "5.0.0",
                     diagnostic=f"smtp; {reply}",
                     remote_mta=None,
                     last_attempt=now,
                     will_retry_until=None,
                 )
+                for rcpt, reply in failed
             ],
             arrival_date=now,
         )
         try:
             await self.submit_bounce(sender, message)
-        except (QueueError, NoRoute) as exc:
+        except NoRoute as exc:
             log.event("offline", "bounce", "dropped", to=f"<{sender}>", error=str(exc))
 
     async def _offline_loop(self) -> None:

@@ -283,11 +283,40 @@ def test_refuses_a_directory(tmp_path: Path) -> None:
     assert "regular" in refused(d, "dir")
 
 
-def test_refuses_a_file_over_the_size_limit(tmp_path: Path) -> None:
+def test_a_message_over_the_size_limit_comes_back_refused_with_its_start(tmp_path: Path) -> None:
+    """Not an error: the daemon must bounce it to its sender, who was told it was accepted."""
     d = spool(tmp_path)
-    name = offline.write(d, "a@example.org", ["b@example.org"], b"x" * 5000, {})
-    assert "larger" in refused(d, name, max_size=4096)
-    assert offline.read(d, name, expected_uid=None, max_size=6000).message == b"x" * 5000
+    head = b"From: a@example.org\r\nSubject: big\r\n\r\n"
+    message = head + b"".join(b"line %05d\r\n" % i for i in range(500))  # 5,527 bytes
+    name = offline.write(d, "a@example.org", ["b@example.org", "c@example.net"], message, {})
+    item = offline.read(d, name, expected_uid=None, max_message=4096)
+    assert item.refused == (
+        f"552 5.3.4 Message too big for system: {len(message)} bytes, the limit is 4096"
+    )
+    assert (item.sender, item.rcpts) == ("a@example.org", ["b@example.org", "c@example.net"])
+    assert message.startswith(item.message) and item.message.startswith(head)
+    assert len(item.message) <= 4096 and item.message.endswith(b"\r\n")  # whole lines
+    whole = offline.read(d, name, expected_uid=None, max_message=len(message))
+    assert (whole.refused, whole.message) == ("", message)
+
+
+def test_of_a_huge_file_only_the_start_is_read(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    message = b"Subject: huge\r\n\r\n" + b"y" * 78 + b"\r\n"
+    name = offline.write(d, "a@example.org", ["b@example.org"], message, {})
+    with open(os.path.join(d, name), "ab") as f:  # grown to 2 MiB past what was written
+        f.truncate(2 * 1024 * 1024)
+    item = offline.read(d, name, expected_uid=None, max_message=1024)
+    assert item.refused.startswith("552 5.3.4 Message too big for system: ")
+    assert item.message == message
+
+
+def test_a_message_over_the_limit_still_gets_every_check(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    name = offline.write(d, "a@example.org", ["b@example.org"], b"x\r\n" * 4000, {})
+    assert "owned by uid" in refused(d, name, expected_uid=os.getuid() + 1, max_message=100)
+    os.link(os.path.join(d, name), os.path.join(d, "other"))
+    assert "links" in refused(d, name, max_message=100)
 
 
 def test_refuses_a_missing_file_and_odd_names(tmp_path: Path) -> None:

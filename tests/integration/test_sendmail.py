@@ -429,6 +429,43 @@ def test_sendmail_while_down_is_delivered_once_when_the_daemon_starts(
     assert ok(shell("mailq", env, daemon.home)) == "Mail queue is empty\n"
 
 
+def test_sendmail_while_down_of_a_message_over_the_size_limit_bounces_it_at_start(
+    daemon: Daemon, bindir: Path
+) -> None:
+    """sendmail took it (exit 0) while the daemon was down; the daemon's limit refuses it: the
+    sender gets a failure notice with the message's headers instead of the mail vanishing."""
+    prepare(daemon)
+    daemon.write_config(CONFIG + "smtp max-message-size 64K\n")
+    offline = daemon.spool / "offline"
+    env = cron_env(daemon, bindir, HOMEMAIL_OFFLINE=str(offline))
+    tok = token()
+    body = "".join(f"line {i:06d} {'x' * 60}\n" for i in range(2000))  # 148,000 bytes
+    script = f"sendmail -f {USER}@localhost -oi bob@localhost alice@localhost"
+    result = subprocess.run(
+        ["/bin/sh", "-c", script],
+        input=f"Subject: big {tok}\n\n{body}",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=daemon.home,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stderr == "", result
+    assert len(spooled(offline)) == 1
+
+    daemon.start(write=False)
+    dsn = daemon.wait_for_message(f"Subject: big {tok}")  # one copy: the original is not there
+    assert dsn.startswith(b"Return-Path: <>\n")
+    assert b"Delivery Status Notification (Failure)" in dsn
+    for rcpt in (b"bob@localhost", b"alice@localhost"):
+        assert b"Final-Recipient: rfc822; " + rcpt in dsn
+    assert b"Status: 5.3.4" in dsn
+    assert b"Message too big for system" in dsn and b"the limit is 65536" in dsn
+    assert b"line 000000" not in dsn  # headers only
+    assert poll(lambda: spooled(offline) == [], 5), spooled(offline)
+    assert "offline offline refused" in daemon.log()
+
+
 class DefaultPathsDaemon(Daemon):
     """The daemon with no --spool and no --socket: the user-mode places under XDG dirs."""
 

@@ -511,6 +511,33 @@ def _maildir_count(user: str) -> int:
         return 0
 
 
+def test_offline_mail_over_the_size_limit_is_bounced_to_its_sender(system: SystemDaemon) -> None:
+    """The root parent reads the spool; what the size limit refuses is bounced, not dropped."""
+    from homemail import offline
+
+    system.write_config(CONFIG + "smtp max-message-size 16K\n")
+    spool = system.dir / "spool" / "offline"
+    offline.prepare_dir(str(spool))
+    tag = f"big{os.getpid()}x{time.monotonic_ns()}"
+    message = f"Subject: {tag}\r\n\r\n".encode() + b"z" * 78 * 400
+    offline.write(str(spool), "hmsys1@localhost", ["hmsys2@localhost"], message, {})
+    before = _maildir_count("hmsys2")
+    system.start()
+
+    def notice() -> list[Path]:
+        new = Path(pwd.getpwnam("hmsys1").pw_dir) / "Maildir" / "new"
+        return [p for p in new.iterdir() if tag.encode() in p.read_bytes()] if new.is_dir() else []
+
+    found = poll(notice, 20)
+    assert found, system.log()
+    dsn = found[0].read_bytes()
+    assert b"Final-Recipient: rfc822; hmsys2@localhost" in dsn and b"Status: 5.3.4" in dsn
+    assert b"zzzz" not in dsn
+    assert found[0].stat().st_uid == pwd.getpwnam("hmsys1").pw_uid
+    assert poll(lambda: not any(spool.iterdir()), 10)
+    assert _maildir_count("hmsys2") == before
+
+
 def test_a_symlink_planted_in_the_spool_is_refused_not_followed(system: SystemDaemon) -> None:
     """The worker owns journal/: had it swapped it for a link, root must not chown the target."""
     spool = system.dir / "spool"
