@@ -70,6 +70,7 @@ _NO_HARDLINK_ERRNOS = frozenset(
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _MBOX_FROM = re.compile(rb"^(>*From )", re.MULTILINE)
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
 class DeliveryError(Exception):
@@ -490,8 +491,9 @@ def _address_part(value: str) -> str:
 
 def _header_values(message: bytes, name: bytes) -> Iterator[str]:
     """Yield the unfolded values of the header fields called ``name`` (lower case)."""
+    blank = _BLANK_LINE.search(message)  # the header section only: the body is not split
     fields: list[bytes] = []
-    for line in message.split(b"\n"):
+    for line in (message if blank is None else message[: blank.start()]).split(b"\n"):
         line = line.removesuffix(b"\r")
         if not line:
             break

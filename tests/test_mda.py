@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import homemail.mda as mda
 from homemail.mda import Delivery, DeliveryError, deliver_maildir, deliver_mbox, prepare
@@ -104,6 +106,41 @@ def test_prepare_loop(header: bytes) -> None:
 )
 def test_prepare_not_a_loop(message: bytes) -> None:
     assert prepare(message, make_delivery()).endswith(message.replace(b"\r\n", b"\n"))
+
+
+def header_values_of_every_line(message: bytes, name: bytes) -> list[str]:
+    """The plain reading: split the whole message into lines, stop at the first empty one."""
+    fields: list[bytes] = []
+    for line in message.split(b"\n"):
+        line = line.removesuffix(b"\r")
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b" " + line.strip()
+        else:
+            fields.append(line)
+    return [
+        value.decode("utf-8", "surrogateescape").strip()
+        for key, sep, value in (f.partition(b":") for f in fields)
+        if sep and key.rstrip().lower() == name
+    ]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [b"Delivered-To: a@b", b"delivered-to:x", b" folded", b"\tt", b"Subject: s", b"",
+             b"\r", b"\n", b"\r\n", b":", b"x"]
+        ),
+        max_size=30,
+    )
+)
+def test_header_values_read_the_header_section_only_as_a_split_would(pieces: list[bytes]) -> None:
+    message = b"".join(pieces)
+    assert list(mda._header_values(message, b"delivered-to")) == header_values_of_every_line(
+        message, b"delivered-to"
+    )
 
 
 # --- Maildir -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from homemail.smtp import Session, _TooLarge
+from homemail.smtp import MAX_LINE, Session, _has_long_line, _TooLarge
 
 
 async def read(stream: bytes, limit: int = 1 << 20, chunks: int = 7) -> tuple[object, bytes]:
@@ -67,3 +67,32 @@ def test_stuffed_lines_come_back_unchanged(lines: list[bytes], chunks: int):
     content, rest = asyncio.run(read(stuffed + b".\r\nNOOP\r\n", chunks=chunks))
     assert content == message
     assert rest == b"NOOP\r\n"
+
+
+def longest_line(content: bytes) -> int:
+    """The plain definition: the longest CRLF-terminated line, CRLF included."""
+    return max(map(len, content.split(b"\r\n"))) + 2
+
+
+_piece = st.sampled_from([b"x", b"\r", b"\n", b"\r\n", b"x" * 97, b"y" * 499])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(_piece, st.integers(min_value=0, max_value=12)), max_size=40))
+def test_the_long_line_check_agrees_with_splitting_into_lines(pieces: list[tuple[bytes, int]]):
+    content = b"".join(piece * count for piece, count in pieces)
+    assert _has_long_line(content) == (longest_line(content) > MAX_LINE)
+
+
+@pytest.mark.parametrize("length", [997, 998, 999, 1000])
+@pytest.mark.parametrize("where", ["first", "middle", "last", "unterminated"])
+def test_the_long_line_check_at_the_limit(length: int, where: str):
+    line = b"z" * length
+    short = b"a" * 70 + b"\r\n"
+    content = {
+        "first": line + b"\r\n" + short * 30,
+        "middle": short * 13 + line + b"\r\n" + short * 17,
+        "last": short * 30 + line + b"\r\n",
+        "unterminated": short * 30 + line,
+    }[where]
+    assert _has_long_line(content) == (length > 998)
