@@ -31,9 +31,10 @@ OpenSMTPD audit found hard links, symlinks and FIFOs planted there), so :func:`r
 symlink, anything but a regular file, a file with more than one link, a file whose owner is
 not the uid in its header (or not ``expected_uid``), and a header that is not exactly the shape
 above.  It opens with ``O_NOFOLLOW|O_NONBLOCK`` and checks that the opened file is the one it
-inspected.  A message over the size limit passes the same checks, but only its start is read:
-it comes back ``refused`` (552 5.3.4), so that the daemon bounces it to its sender rather than
-dropping mail that ``sendmail`` accepted.
+inspected.  A message over the size limit passes the same checks and comes back ``refused``
+(552 5.3.4) with only its start, which the daemon returns to the sender in a failure notice
+rather than dropping mail that ``sendmail`` accepted; of a file far over the limit only that
+start is read.  No more than :data:`MAX_SIZE` is ever read, whatever the limit.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 VERSION = 1
-MAX_SIZE = 128 * 1024 * 1024  # the largest file sendmail writes, header line included
+MAX_SIZE = 128 * 1024 * 1024  # the most read of any file (sendmail takes less as input)
 MAX_HEADER = 256 * 1024
 #: Of a message over the size limit, this much of its start is read, for its header section
 #: (returned in the bounce).
@@ -238,6 +239,7 @@ def read(
             raise OfflineError(f"{name}: not a regular file with one link")
         if expected_uid is not None and fst.st_uid != expected_uid:
             raise OfflineError(f"{name}: owned by uid {fst.st_uid}, expected {expected_uid}")
+        max_message = min(max_message, MAX_SIZE - MAX_HEADER - 1)
         max_file = max_message + MAX_HEADER + 1
         too_large = fst.st_size > max_file
         data, more = _read_upto(fd, MAX_HEADER + KEPT_OF_REFUSED if too_large else max_file, name)

@@ -30,11 +30,11 @@ user, sender, rcpt, dest, evpid, ctime, recovered} with the message as one fd (a
 aliases file, which the worker may not write), ``secret`` {id, label, username, password}
 (stored by the parent in the root-only secrets file) and ``reload-request``.
 Parent → worker: ``result`` {id, ok, permanent, status, text}, ``offline`` {name, sender,
-rcpts, uid} with the message as one fd, ``reload`` {add, remove} with the new listeners'
-sockets as fds (or {error}), and ``stop``.  The parent validates every request it gets: a
-compromised worker can only ask for deliveries the configuration allows — an action that exists,
-a user that exists and is not root, and a recipient that the rules and aliases really send to
-that user with that action.
+rcpts, uid, time, options, refused} with the message (or, when ``refused``, its start) as one
+fd, ``reload`` {add, remove} with the new listeners' sockets as fds (or {error}), and ``stop``.
+The parent validates every request it gets: a compromised worker can only ask for deliveries
+the configuration allows — an action that exists, a user that exists and is not root, and a
+recipient that the rules and aliases really send to that user with that action.
 """
 
 from __future__ import annotations
@@ -604,6 +604,7 @@ class Parent:
                         "sender": item.sender,
                         "rcpts": item.rcpts,
                         "uid": item.uid,
+                        "time": item.time,
                         "options": item.options,
                         "refused": item.refused,
                     },
@@ -961,13 +962,18 @@ class WorkerChannel:
         ok = False
         try:
             message = read_fd(fd, 1 << 31)
+            stamp = record.get("time")  # when sendmail took it
             item = offline.OfflineMessage(
                 name=_text(record, "name"),
                 sender=_text(record, "sender", empty_ok=True),
-                rcpts=[r for r in record.get("rcpts", []) if isinstance(r, str)],
+                rcpts=[
+                    r
+                    for r in record.get("rcpts", [])
+                    if isinstance(r, str) and not any(c in r for c in "\r\n\x00")
+                ],
                 message=message,
                 uid=_int(record, "uid"),
-                time=time.time(),
+                time=float(stamp) if isinstance(stamp, (int, float)) else 0.0,
                 options={
                     k: v
                     for k, v in (record.get("options") or {}).items()

@@ -647,7 +647,7 @@ def build_message(
     Refuses lines over 1000 octets and 100 or more ``Received:`` headers; drops ``Bcc:``; adds
     ``Message-ID:`` and ``Date:`` when missing on local submissions; prepends ``Received:``.
     """
-    if _has_long_line(content):
+    if len(content) > MAX_LINE and _has_long_line(content):
         raise MessageRefused(
             "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6 allows 1000 octets)", "line too long"
         )

@@ -320,7 +320,8 @@ class Daemon:
         self.scheduler.stats["queue.commit"] += 1
         self.scheduler.schedule(envelopes)
 
-    async def submit_bounce(self, rcpt: str, message: bytes) -> None:
+    async def submit_bounce(self, rcpt: str, message: bytes, *, offline: str = "") -> None:
+        """Queue a notice for ``rcpt``; ``offline`` names the spool file it answers, if any."""
         try:
             address = parse_mailbox(rcpt)
         except AddressError as exc:
@@ -344,6 +345,7 @@ class Daemon:
                 next_try=now,
                 bounce=True,
                 src="local",
+                offline=offline,
             )
             for t in targets
         ]
@@ -435,7 +437,7 @@ class Daemon:
         """Queue a message sendmail left in the offline spool; False if it must stay there."""
         name = item.name
         if any(e.offline == name for e in self.scheduler.envelopes.values()):
-            return True  # queued already, just before a crash
+            return True  # queued (or bounced) already, just before a crash
         try:
             if item.sender:
                 parse_mailbox(item.sender)
@@ -466,7 +468,11 @@ class Daemon:
                 return True
             try:
                 await self._offline_bounce(
-                    item.sender, [(r, item.refused) for r in item.rcpts], item.message, now
+                    item.sender,
+                    [(r, item.refused) for r in item.rcpts],
+                    item.message,
+                    item.time or now,
+                    offline=name,
                 )
             except QueueError as exc:  # the file stays, and is taken again later
                 log.event("offline", "bounce", "failed", to=f"<{item.sender}>", error=str(exc))
@@ -514,7 +520,9 @@ class Daemon:
                 )
             if rejected and "NEVER" not in notify:
                 try:
-                    await self._offline_bounce(item.sender, rejected, item.message, now)
+                    await self._offline_bounce(
+                        item.sender, rejected, item.message, item.time or now
+                    )
                 except QueueError as exc:
                     if not envelopes:
                         raise  # nothing taken: the file stays, and is taken again later
@@ -530,9 +538,18 @@ class Daemon:
         return True
 
     async def _offline_bounce(
-        self, sender: str, failed: list[tuple[str, str]], original: bytes, now: float
+        self,
+        sender: str,
+        failed: list[tuple[str, str]],
+        original: bytes,
+        arrived: float,
+        *,
+        offline: str = "",
     ) -> None:
         """Bounce offline mail refused for ``failed`` (recipient, reply) to its sender.
+
+        ``arrived`` is when sendmail took it; ``offline`` names the spool file when the notice
+        answers all of it (so that a restart before the file is removed does not send two).
 
         Raises QueueError when the bounce cannot be queued; a sender with no route is logged
         and dropped, as a bounce would be.
@@ -552,15 +569,15 @@ class Daemon:
                     status=reply.split(" ")[1] if reply.count(" ") >= 1 else "5.0.0",
                     diagnostic=f"smtp; {reply}",
                     remote_mta=None,
-                    last_attempt=now,
+                    last_attempt=time.time(),
                     will_retry_until=None,
                 )
                 for rcpt, reply in failed
             ],
-            arrival_date=now,
+            arrival_date=arrived,
         )
         try:
-            await self.submit_bounce(sender, message)
+            await self.submit_bounce(sender, message, offline=offline)
         except NoRoute as exc:
             log.event("offline", "bounce", "dropped", to=f"<{sender}>", error=str(exc))
 

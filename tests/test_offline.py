@@ -311,12 +311,34 @@ def test_of_a_huge_file_only_the_start_is_read(tmp_path: Path) -> None:
     assert item.message == message
 
 
+def test_no_more_than_max_size_is_read_whatever_the_limit(tmp_path: Path) -> None:
+    """The root parent reads these files: a configured limit of 1 TiB must not mean 1 TiB."""
+    d = spool(tmp_path)
+    message = b"Subject: sparse\r\n\r\n"
+    name = offline.write(d, "a@example.org", ["b@example.org"], message, {})
+    with open(os.path.join(d, name), "ab") as f:  # sparse: costs no disk
+        f.truncate(offline.MAX_SIZE + 1)
+    item = offline.read(d, name, expected_uid=None, max_message=1 << 40)
+    assert item.refused.startswith("552 5.3.4 ")
+    assert item.message == message
+
+
 def test_a_message_over_the_limit_still_gets_every_check(tmp_path: Path) -> None:
+    """Also when so far over that only its start is read."""
     d = spool(tmp_path)
     name = offline.write(d, "a@example.org", ["b@example.org"], b"x\r\n" * 4000, {})
+    with open(os.path.join(d, name), "ab") as f:
+        f.truncate(offline.MAX_HEADER + 100 + 1024 * 1024)
     assert "owned by uid" in refused(d, name, expected_uid=os.getuid() + 1, max_message=100)
     os.link(os.path.join(d, name), os.path.join(d, "other"))
     assert "links" in refused(d, name, max_message=100)
+    os.unlink(os.path.join(d, "other"))
+    assert offline.read(d, name, expected_uid=None, max_message=100).refused
+    forged = "f" * 32  # written for another uid than its owner's
+    with open(os.path.join(d, forged), "wb") as f:
+        f.write(json.dumps(header(uid=os.getuid() + 1)).encode() + b"\n" + b"y\r\n" * 10)
+        f.truncate(offline.MAX_HEADER + 100 + 1024 * 1024)
+    assert "written for uid" in refused(d, forged, max_message=100)
 
 
 def test_refuses_a_missing_file_and_odd_names(tmp_path: Path) -> None:

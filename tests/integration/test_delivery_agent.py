@@ -86,7 +86,7 @@ def test_messages_sent_at_once_each_land_in_the_maildir_once_and_intact(running:
         assert f"\nSubject: {tag}\nMessage-ID: <{tag}@test>\n".encode() in stored
         assert stored.endswith(f"\n\nbody {tag}\n".encode())
     assert len(running.maildir_files()) == len(tags)
-    assert os.listdir(running.maildir / "tmp") == []
+    assert poll(lambda: os.listdir(running.maildir / "tmp") == [], 5)
 
 
 def test_a_killed_delivery_process_does_not_stop_delivery(running: Daemon) -> None:

@@ -454,7 +454,7 @@ def test_sendmail_while_down_of_a_message_over_the_size_limit_bounces_it_at_star
     assert len(spooled(offline)) == 1
 
     daemon.start(write=False)
-    dsn = daemon.wait_for_message(f"Subject: big {tok}")  # one copy: the original is not there
+    dsn = daemon.wait_for_message(f"Subject: big {tok}")
     assert dsn.startswith(b"Return-Path: <>\n")
     assert b"Delivery Status Notification (Failure)" in dsn
     for rcpt in (b"bob@localhost", b"alice@localhost"):
@@ -464,6 +464,8 @@ def test_sendmail_while_down_of_a_message_over_the_size_limit_bounces_it_at_star
     assert b"line 000000" not in dsn  # headers only
     assert poll(lambda: spooled(offline) == [], 5), spooled(offline)
     assert "offline offline refused" in daemon.log()
+    barrier(daemon)
+    assert copies(daemon, tok) == 1  # the notice only: the message itself was not queued
 
 
 class DefaultPathsDaemon(Daemon):

@@ -519,7 +519,7 @@ def test_offline_mail_over_the_size_limit_is_bounced_to_its_sender(system: Syste
     spool = system.dir / "spool" / "offline"
     offline.prepare_dir(str(spool))
     tag = f"big{os.getpid()}x{time.monotonic_ns()}"
-    message = f"Subject: {tag}\r\n\r\n".encode() + b"z" * 78 * 400
+    message = f"Subject: {tag}\r\n\r\n".encode() + (b"z" * 78 + b"\r\n") * 400
     offline.write(str(spool), "hmsys1@localhost", ["hmsys2@localhost"], message, {})
     before = _maildir_count("hmsys2")
     system.start()
@@ -535,6 +535,8 @@ def test_offline_mail_over_the_size_limit_is_bounced_to_its_sender(system: Syste
     assert b"zzzz" not in dsn
     assert found[0].stat().st_uid == pwd.getpwnam("hmsys1").pw_uid
     assert poll(lambda: not any(spool.iterdir()), 10)
+    assert "offline offline refused" in system.log()
+    assert "offline smtp message" not in system.log()  # the message itself was never queued
     assert _maildir_count("hmsys2") == before
 
 
