@@ -139,15 +139,7 @@ def write(
     """
     _check_fields(sender, rcpts, options)
     prepare_dir(directory)
-    header = {
-        "v": VERSION,
-        "sender": sender,
-        "rcpts": list(rcpts),
-        "options": dict(options),
-        "uid": os.getuid(),
-        "time": time.time(),
-    }
-    data = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    data = _header_line(sender, rcpts, options, os.getuid(), time.time())
     dfd = _open_dir(directory)
     try:
         name = secrets.token_hex(16)
@@ -174,6 +166,55 @@ def write(
         return name
     finally:
         os.close(dfd)
+
+
+def _header_line(
+    sender: str, rcpts: list[str], options: dict[str, str], uid: int, when: float
+) -> bytes:
+    header = {
+        "v": VERSION,
+        "sender": sender,
+        "rcpts": list(rcpts),
+        "options": dict(options),
+        "uid": uid,
+        "time": when,
+    }
+    return json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def encode(item: OfflineMessage) -> bytes:
+    """``item`` in the file format (its header line, then its message), to be passed on.
+
+    System mode's root parent reads and checks a file, then hands it to the worker this way:
+    in a descriptor, since a header may hold more recipients than a channel record.
+    """
+    line = _header_line(item.sender, item.rcpts, item.options, item.uid, item.time)
+    return line + b"\n" + item.message
+
+
+def decode(data: bytes, *, name: str, refused: str = "") -> OfflineMessage:
+    """The reverse of :func:`encode`; raises OfflineError for a header of the wrong shape."""
+    end = data.find(b"\n", 0, MAX_HEADER)
+    if end < 0:
+        raise OfflineError(f"{name}: no header line")
+    try:
+        header = _parse_header(data[:end])
+    except OfflineError as exc:
+        raise OfflineError(f"{name}: {exc}") from None
+    return _item(header, data[end + 1 :], name, refused)
+
+
+def _item(header: dict[str, Any], message: bytes, name: str, refused: str) -> OfflineMessage:
+    return OfflineMessage(
+        sender=header["sender"],
+        rcpts=list(header["rcpts"]),
+        message=message,
+        uid=header["uid"],
+        name=name,
+        time=float(header["time"]),
+        options=dict(header.get("options", {})),
+        refused=refused,
+    )
 
 
 def _parse_header(line: bytes) -> dict[str, Any]:
@@ -261,16 +302,7 @@ def read(
         refused = f"552 5.3.4 Message too big for system: {size} bytes, the limit is {max_message}"
         kept = message[: min(KEPT_OF_REFUSED, max_message)]
         message = kept[: kept.rfind(b"\n") + 1]  # whole lines only: the bounce returns them
-    return OfflineMessage(
-        sender=header["sender"],
-        rcpts=list(header["rcpts"]),
-        message=message,
-        uid=header["uid"],
-        name=name,
-        time=float(header["time"]),
-        options=dict(header.get("options", {})),
-        refused=refused,
-    )
+    return _item(header, message, name, refused)
 
 
 def _read_upto(fd: int, limit: int, name: str) -> tuple[bytes, bool]:

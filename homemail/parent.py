@@ -29,9 +29,9 @@ user, sender, rcpt, dest, evpid, ctime, recovered} with the message as one fd (a
 ``offline-done`` {name, ok}, ``alias`` {id, op, name, targets} (the parent edits the
 aliases file, which the worker may not write), ``secret`` {id, label, username, password}
 (stored by the parent in the root-only secrets file) and ``reload-request``.
-Parent → worker: ``result`` {id, ok, permanent, status, text}, ``offline`` {name, sender,
-rcpts, uid, time, options, refused} with the message (or, when ``refused``, its start) as one
-fd, ``reload`` {add, remove} with the new listeners' sockets as fds (or {error}), and ``stop``.
+Parent → worker: ``result`` {id, ok, permanent, status, text}, ``offline`` {name, refused} with
+the checked file as one fd (its header line, then the message or, when ``refused``, its start),
+``reload`` {add, remove} with the new listeners' sockets as fds (or {error}), and ``stop``.
 The parent validates every request it gets: a compromised worker can only ask for deliveries
 the configuration allows — an action that exists, a user that exists and is not root, and a
 recipient that the rules and aliases really send to that user with that action.
@@ -594,20 +594,11 @@ class Parent:
                 log.event("offline", "offline", "refused", file=name, reason=str(exc))
                 offline.discard(directory, name)
                 continue
-            fd = _memfd(item.message)
+            fd = _memfd(offline.encode(item))  # the recipients may not fit in a record
             try:
                 send_record(
                     self.channel,
-                    {
-                        "type": "offline",
-                        "name": name,
-                        "sender": item.sender,
-                        "rcpts": item.rcpts,
-                        "uid": item.uid,
-                        "time": item.time,
-                        "options": item.options,
-                        "refused": item.refused,
-                    },
+                    {"type": "offline", "name": name, "refused": item.refused},
                     [fd],
                 )
                 self.offline_pending.add(name)
@@ -961,28 +952,13 @@ class WorkerChannel:
     async def _offline(self, record: dict[str, Any], fd: int) -> None:
         ok = False
         try:
-            message = read_fd(fd, 1 << 31)
-            stamp = record.get("time")  # when sendmail took it
-            item = offline.OfflineMessage(
+            item = offline.decode(  # the header is checked again, as any input is
+                read_fd(fd, 1 << 31),
                 name=_text(record, "name"),
-                sender=_text(record, "sender", empty_ok=True),
-                rcpts=[
-                    r
-                    for r in record.get("rcpts", [])
-                    if isinstance(r, str) and not any(c in r for c in "\r\n\x00")
-                ],
-                message=message,
-                uid=_int(record, "uid"),
-                time=float(stamp) if isinstance(stamp, (int, float)) else 0.0,
-                options={
-                    k: v
-                    for k, v in (record.get("options") or {}).items()
-                    if isinstance(k, str) and isinstance(v, str)
-                },
-                refused=_text(record, "refused", empty_ok=True) if "refused" in record else "",
+                refused=_text(record, "refused", empty_ok=True),
             )
             ok = await self.on_offline(item)
-        except (ChannelError, OSError) as exc:
+        except (ChannelError, OSError, offline.OfflineError) as exc:
             log.event("worker", "offline", "failed", error=str(exc))
         finally:
             os.close(fd)

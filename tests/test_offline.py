@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -339,6 +340,19 @@ def test_a_message_over_the_limit_still_gets_every_check(tmp_path: Path) -> None
         f.write(json.dumps(header(uid=os.getuid() + 1)).encode() + b"\n" + b"y\r\n" * 10)
         f.truncate(offline.MAX_HEADER + 100 + 1024 * 1024)
     assert "written for uid" in refused(d, forged, max_message=100)
+
+
+def test_encode_and_decode_pass_a_checked_file_on_whole(tmp_path: Path) -> None:
+    d = spool(tmp_path)
+    rcpts = [f"r{i}@example.org" for i in range(5000)]  # more than a channel record holds
+    name = offline.write(d, "a@example.org", rcpts, MESSAGE, {"notify": "NEVER"})
+    item = offline.read(d, name, expected_uid=None)
+    again = offline.decode(offline.encode(item), name=name, refused="552 5.3.4 x")
+    assert again == dataclasses.replace(item, refused="552 5.3.4 x")
+    with pytest.raises(OfflineError, match="no header line"):
+        offline.decode(b"x" * 100, name=name)
+    with pytest.raises(OfflineError, match="CR, LF or NUL"):
+        offline.decode(json.dumps(header(rcpts=["a\r\nb"])).encode() + b"\n", name=name)
 
 
 def test_refuses_a_missing_file_and_odd_names(tmp_path: Path) -> None:

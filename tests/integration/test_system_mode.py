@@ -540,6 +540,35 @@ def test_offline_mail_over_the_size_limit_is_bounced_to_its_sender(system: Syste
     assert _maildir_count("hmsys2") == before
 
 
+def test_offline_mail_with_more_recipients_than_a_channel_record_holds(
+    system: SystemDaemon,
+) -> None:
+    """4,000 recipients are 88 KB of header, more than a 64 KiB channel record: the root parent
+    passes the file to the worker in a descriptor, so it is not retried forever."""
+    from homemail import offline
+
+    spool = system.dir / "spool" / "offline"
+    offline.prepare_dir(str(spool))
+    tag = f"many{os.getpid()}x{time.monotonic_ns()}"
+    rcpts = ["hmsys2@localhost"] + [f"nobody{i:05d}@localhost" for i in range(4000)]
+    message = f"Subject: {tag}\r\n\r\nto many\r\n".encode()
+    offline.write(str(spool), "hmsys1@localhost", rcpts, message, {})
+    system.start()
+
+    def with_tag(user: str) -> list[bytes]:
+        new = Path(pwd.getpwnam(user).pw_dir) / "Maildir" / "new"
+        found = [p.read_bytes() for p in new.iterdir()] if new.is_dir() else []
+        return [m for m in found if tag.encode() in m]
+
+    assert poll(lambda: with_tag("hmsys2"), 20), system.log()
+    notices = poll(lambda: with_tag("hmsys1"), 20)
+    assert notices, system.log()
+    assert b"Final-Recipient: rfc822; nobody03999@localhost" in notices[0]
+    assert poll(lambda: not any(spool.iterdir()), 10)
+    assert "record too large" not in system.log()
+    assert len(with_tag("hmsys2")) == 1
+
+
 def test_a_symlink_planted_in_the_spool_is_refused_not_followed(system: SystemDaemon) -> None:
     """The worker owns journal/: had it swapped it for a link, root must not chown the target."""
     spool = system.dir / "spool"
