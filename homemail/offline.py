@@ -35,11 +35,15 @@ inspected.  A message over the size limit passes the same checks and comes back 
 (552 5.3.4) with only its start, which the daemon returns to the sender in a failure notice
 rather than dropping mail that ``sendmail`` accepted; of a file far over the limit only that
 start is read.  No more than :data:`MAX_SIZE` is ever read, whatever the limit.
+
+**Passing on.**  In system mode the root parent reads and checks the files, and hands each to
+the unprivileged worker in this same format (:func:`encode`, :func:`decode`), in a descriptor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
@@ -122,7 +126,7 @@ def prepare_dir(directory: str) -> None:
 
 
 def _check_name(name: str) -> None:
-    if not name or name.startswith(".") or "/" in name or "\x00" in name:
+    if not name or name.startswith(".") or "/" in name or not name.isprintable():
         raise OfflineError(f"invalid file name {name!r}")
 
 
@@ -182,19 +186,23 @@ def _header_line(
     return json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def encode(item: OfflineMessage) -> bytes:
-    """``item`` in the file format (its header line, then its message), to be passed on.
+def encode(item: OfflineMessage) -> tuple[bytes, bytes]:
+    """``item`` in the file format: its header line (with its newline), and its message.
 
     System mode's root parent reads and checks a file, then hands it to the worker this way:
     in a descriptor, since a header may hold more recipients than a channel record.
     """
     line = _header_line(item.sender, item.rcpts, item.options, item.uid, item.time)
-    return line + b"\n" + item.message
+    return line + b"\n", item.message
 
 
 def decode(data: bytes, *, name: str, refused: str = "") -> OfflineMessage:
-    """The reverse of :func:`encode`; raises OfflineError for a header of the wrong shape."""
-    end = data.find(b"\n", 0, MAX_HEADER)
+    """The reverse of :func:`encode`; raises OfflineError for a header of the wrong shape.
+
+    The header line is not held to MAX_HEADER here: written again, a header that just fit (in
+    a file) may come out a little longer (``1e15`` is ``1000000000000000.0``).
+    """
+    end = data.find(b"\n")
     if end < 0:
         raise OfflineError(f"{name}: no header line")
     try:
@@ -231,8 +239,13 @@ def _parse_header(line: bytes) -> dict[str, Any]:
     if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
         raise OfflineError("header uid must be a non-negative integer")
     stamp = obj.get("time")
-    if not isinstance(stamp, int | float) or isinstance(stamp, bool) or stamp != stamp:
+    if not isinstance(stamp, int | float) or isinstance(stamp, bool):
         raise OfflineError("header time must be a number")
+    try:
+        if not math.isfinite(float(stamp)):
+            raise OverflowError
+    except OverflowError:  # 10**400, 1e999, NaN: not a time
+        raise OfflineError("header time must be a finite number") from None
     return obj
 
 

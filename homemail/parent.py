@@ -254,7 +254,10 @@ class Parent:
                 else:
                     self.on_child_output(key.fd)
             if self.next_scan and time.monotonic() >= self.next_scan:
-                self.scan_offline()
+                try:
+                    self.scan_offline()
+                except Exception as exc:  # a bug or a file nobody foresaw: root must stay up
+                    log.event("parent", "offline", "failed", error=repr(exc))
 
     def on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -594,7 +597,7 @@ class Parent:
                 log.event("offline", "offline", "refused", file=name, reason=str(exc))
                 offline.discard(directory, name)
                 continue
-            fd = _memfd(offline.encode(item))  # the recipients may not fit in a record
+            fd = _memfd(*offline.encode(item))  # the recipients may not fit in a record
             try:
                 send_record(
                     self.channel,
@@ -608,8 +611,8 @@ class Parent:
                 os.close(fd)
 
 
-def _memfd(data: bytes) -> int:
-    """An fd holding ``data``, for passing a message over the channel."""
+def _memfd(*parts: bytes) -> int:
+    """An fd holding ``parts`` one after the other, for passing a message over the channel."""
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("homemail-message", os.MFD_CLOEXEC)
     else:  # the BSDs: an anonymous temporary file
@@ -617,9 +620,10 @@ def _memfd(data: bytes) -> int:
 
         with tempfile.TemporaryFile() as f:
             fd = os.dup(f.fileno())
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    for data in parts:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
@@ -960,6 +964,8 @@ class WorkerChannel:
             ok = await self.on_offline(item)
         except (ChannelError, OSError, offline.OfflineError) as exc:
             log.event("worker", "offline", "failed", error=str(exc))
+        except Exception as exc:  # a bug: the file stays, and the parent must hear of it
+            log.event("worker", "offline", "failed", error=repr(exc))
         finally:
             os.close(fd)
         self.send({"type": "offline-done", "name": record.get("name", ""), "ok": ok})

@@ -347,12 +347,52 @@ def test_encode_and_decode_pass_a_checked_file_on_whole(tmp_path: Path) -> None:
     rcpts = [f"r{i}@example.org" for i in range(5000)]  # more than a channel record holds
     name = offline.write(d, "a@example.org", rcpts, MESSAGE, {"notify": "NEVER"})
     item = offline.read(d, name, expected_uid=None)
-    again = offline.decode(offline.encode(item), name=name, refused="552 5.3.4 x")
+    again = offline.decode(b"".join(offline.encode(item)), name=name, refused="552 5.3.4 x")
     assert again == dataclasses.replace(item, refused="552 5.3.4 x")
     with pytest.raises(OfflineError, match="no header line"):
         offline.decode(b"x" * 100, name=name)
     with pytest.raises(OfflineError, match="CR, LF or NUL"):
         offline.decode(json.dumps(header(rcpts=["a\r\nb"])).encode() + b"\n", name=name)
+
+
+def test_a_header_that_just_fits_still_decodes_once_written_again(tmp_path: Path) -> None:
+    """``1e15`` comes back as ``1000000000000000.0``: a longer line than the file's."""
+    d = spool(tmp_path)
+    offline.prepare_dir(d)
+
+    def line(pad: int) -> bytes:
+        fields = header(sender="s" * pad + "@example.org", time=0)
+        text = json.dumps(fields, separators=(",", ":")).replace('"time":0', '"time":1e15')
+        return text.encode()
+
+    raw = line(offline.MAX_HEADER - 1 - len(line(0)))
+    assert len(raw) == offline.MAX_HEADER - 1
+    with open(os.path.join(d, "e" * 32), "wb") as f:
+        f.write(raw + b"\n" + MESSAGE)
+    item = offline.read(d, "e" * 32, expected_uid=None)
+    assert len(offline.encode(item)[0]) > offline.MAX_HEADER
+    assert offline.decode(b"".join(offline.encode(item)), name=item.name) == item
+
+
+@pytest.mark.parametrize("stamp", [b"1" + b"0" * 400, b"1e999", b"-1e999", b"NaN"])
+def test_refuses_a_time_that_is_not_a_finite_number(tmp_path: Path, stamp: bytes) -> None:
+    """10**400 used to raise OverflowError, out of the root parent's scan."""
+    d = spool(tmp_path)
+    offline.prepare_dir(d)
+    raw = json.dumps(header(time=0), separators=(",", ":")).encode().replace(
+        b'"time":0', b'"time":' + stamp
+    )
+    with open(os.path.join(d, "d" * 32), "wb") as f:
+        f.write(raw + b"\n" + MESSAGE)
+    assert "finite" in refused(d, "d" * 32)
+
+
+def test_refuses_a_name_with_a_control_character(tmp_path: Path) -> None:
+    """Such a name could not go back over the channel (``offline-done``) in system mode."""
+    d = spool(tmp_path)
+    name = offline.write(d, "a@example.org", ["b@example.org"], MESSAGE, {})
+    os.rename(os.path.join(d, name), os.path.join(d, name + "\n"))
+    assert "invalid file name" in refused(d, name + "\n")
 
 
 def test_refuses_a_missing_file_and_odd_names(tmp_path: Path) -> None:

@@ -543,7 +543,7 @@ def test_offline_mail_over_the_size_limit_is_bounced_to_its_sender(system: Syste
 def test_offline_mail_with_more_recipients_than_a_channel_record_holds(
     system: SystemDaemon,
 ) -> None:
-    """4,000 recipients are 88 KB of header, more than a 64 KiB channel record: the root parent
+    """4,000 recipients are 100 KB of header, more than a 64 KiB channel record: the root parent
     passes the file to the worker in a descriptor, so it is not retried forever."""
     from homemail import offline
 
