@@ -202,14 +202,19 @@ def decode(data: bytes, *, name: str, refused: str = "") -> OfflineMessage:
     The header line is not held to MAX_HEADER here: written again, a header that just fit (in
     a file) may come out a little longer (``1e15`` is ``1000000000000000.0``).
     """
-    end = data.find(b"\n")
+    header, message = _split(data, name)
+    return _item(header, message, name, refused)
+
+
+def _split(data: bytes, name: str, within: int | None = None) -> tuple[dict[str, Any], bytes]:
+    """The checked header line (looked for in the first ``within`` bytes) and the message."""
+    end = data.find(b"\n", 0, within)
     if end < 0:
         raise OfflineError(f"{name}: no header line")
     try:
-        header = _parse_header(data[:end])
+        return _parse_header(data[:end]), data[end + 1 :]
     except OfflineError as exc:
         raise OfflineError(f"{name}: {exc}") from None
-    return _item(header, data[end + 1 :], name, refused)
 
 
 def _item(header: dict[str, Any], message: bytes, name: str, refused: str) -> OfflineMessage:
@@ -299,19 +304,12 @@ def read(
         data, more = _read_upto(fd, MAX_HEADER + KEPT_OF_REFUSED if too_large else max_file, name)
     finally:
         os.close(fd)
-    end = data.find(b"\n", 0, MAX_HEADER)
-    if end < 0:
-        raise OfflineError(f"{name}: no header line")
-    try:
-        header = _parse_header(data[:end])
-    except OfflineError as exc:
-        raise OfflineError(f"{name}: {exc}") from None
+    header, message = _split(data, name, MAX_HEADER)
     if header["uid"] != fst.st_uid:
         raise OfflineError(f"{name}: owned by uid {fst.st_uid} but written for uid {header['uid']}")
-    message = data[end + 1 :]
     refused = ""
     if too_large or more or len(message) > max_message:
-        size = max(fst.st_size, len(data)) - (end + 1)
+        size = max(fst.st_size, len(data)) - (len(data) - len(message))
         refused = f"552 5.3.4 Message too big for system: {size} bytes, the limit is {max_message}"
         kept = message[: min(KEPT_OF_REFUSED, max_message)]
         message = kept[: kept.rfind(b"\n") + 1]  # whole lines only: the bounce returns them
