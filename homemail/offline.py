@@ -308,7 +308,7 @@ def read(
     if header["uid"] != fst.st_uid:
         raise OfflineError(f"{name}: owned by uid {fst.st_uid} but written for uid {header['uid']}")
     refused = ""
-    if too_large or more or len(message) > max_message:
+    if more or len(message) > max_message:  # also true when too_large
         size = max(fst.st_size, len(data)) - (len(data) - len(message))
         refused = f"552 5.3.4 Message too big for system: {size} bytes, the limit is {max_message}"
         kept = message[: min(KEPT_OF_REFUSED, max_message)]

@@ -962,10 +962,9 @@ class WorkerChannel:
                 refused=_text(record, "refused", empty_ok=True),
             )
             ok = await self.on_offline(item)
-        except (ChannelError, OSError, offline.OfflineError) as exc:
-            log.event("worker", "offline", "failed", error=str(exc))
-        except Exception as exc:  # a bug: the file stays, and the parent must hear of it
-            log.event("worker", "offline", "failed", error=repr(exc))
+        except Exception as exc:  # the file stays, and the parent must hear of it either way
+            known = isinstance(exc, (ChannelError, OSError, offline.OfflineError))
+            log.event("worker", "offline", "failed", error=str(exc) if known else repr(exc))
         finally:
             os.close(fd)
         self.send({"type": "offline-done", "name": record.get("name", ""), "ok": ok})

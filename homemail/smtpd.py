@@ -462,6 +462,7 @@ class Daemon:
         if "NEVER" in notify:
             notify = ["NEVER"]
         now = time.time()
+        arrived = item.time or now  # when sendmail took it
         if item.refused:  # too large: the whole message goes back to its sender
             log.event("offline", "offline", "refused", file=name, reason=item.refused)
             if "NEVER" in notify:
@@ -471,7 +472,7 @@ class Daemon:
                     item.sender,
                     [(r, item.refused) for r in item.rcpts],
                     item.message,
-                    item.time or now,
+                    arrived,
                     offline=name,
                 )
             except QueueError as exc:  # the file stays, and is taken again later
@@ -520,9 +521,7 @@ class Daemon:
                 )
             if rejected and "NEVER" not in notify:
                 try:
-                    await self._offline_bounce(
-                        item.sender, rejected, item.message, item.time or now
-                    )
+                    await self._offline_bounce(item.sender, rejected, item.message, arrived)
                 except QueueError as exc:
                     if not envelopes:
                         raise  # nothing taken: the file stays, and is taken again later
