@@ -20,6 +20,9 @@ of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 
 [...]}``, data = the message), ``U`` an envelope's new state (JSON: the envelope), ``D`` an
 envelope done (JSON ``{"evpid"}``).  A record that is short or fails its CRC ends the segment (a
 crash mid-append); the daemon always starts a fresh segment, so nothing is appended after it.
+``U`` and ``D`` records need no sync of their own (a crash that loses one repeats an attempt,
+never loses mail): while the writer thread is idle the event loop appends them itself, one
+write(2) instead of two thread switches; otherwise they queue behind the thread's work.
 
 **Lifetime.**  Most messages are delivered within moments, so a sealed segment usually holds no
 live message and is simply unlinked.  Segments are released strictly oldest first, because a
@@ -157,6 +160,7 @@ class FsQueue(Queue):
         self._lock = threading.Lock()  # guards _pending and the state dicts
         self._pending: list[_Pending] = []
         self._wakeup = threading.Condition(self._lock)
+        self._busy = False  # the writer thread is writing or maintaining, not waiting
         self._closing = False
         self._thread: threading.Thread | None = None
         self._last_maintenance = 0.0
@@ -441,6 +445,17 @@ class FsQueue(Queue):
         with self._wakeup:
             if self._closing:
                 raise QueueError("queue is closing")
+            if not (sync or after or self._busy or self._pending) and self._thread is not None:
+                # Nothing to wait for and nothing ahead of these records (the writer is idle):
+                # appending them here costs a write(2), waking the writer two thread switches.
+                try:
+                    self._append(b"".join(records))
+                except OSError as exc:
+                    self._after_failed_write()
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(None)
+                return fut
             self._pending.append(_Pending(records, sync, fut, loop, after))
             self._wakeup.notify()
         return fut
@@ -448,10 +463,12 @@ class FsQueue(Queue):
     def _run(self) -> None:
         while True:
             with self._wakeup:
+                self._busy = False
                 while not self._pending and not self._closing:
                     self._wakeup.wait(timeout=5.0)
                     if not self._pending:
                         break
+                self._busy = True
                 batch, self._pending = self._pending, []
                 closing = self._closing
             error: BaseException | None = None
@@ -481,12 +498,16 @@ class FsQueue(Queue):
             pos += sum(len(r) for r in item.records)
             item.end = pos
         data = b"".join(r for item in batch for r in item.records)
+        self._append(data, sync=any(item.sync for item in batch))
+
+    def _append(self, data: bytes, *, sync: bool = False) -> None:
+        """Append to the active segment (the writer thread, or a caller while it is idle)."""
         view = memoryview(data)
         while view:
             view = view[os.write(self._active_fd, view) :]
-        if any(item.sync for item in batch):
+        if sync:
             os.fdatasync(self._active_fd)
-        seg.size += len(data)
+        self._segments[-1].size += len(data)
 
     def _after_failed_write(self) -> None:
         """A write or sync failed: no record may follow what may be a torn one.

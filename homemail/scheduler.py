@@ -10,7 +10,6 @@ sender, a delay of each ``bounce warn-interval`` sends a delay DSN; a DSN never 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import time
 from collections import Counter
@@ -63,9 +62,12 @@ class Scheduler:
         self.running: set[int] = set()
         self.stats: Counter[str] = Counter()
         self.paused = False
+        self.parallel = parallel
         self._heap: list[tuple[float, int]] = []
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(parallel)
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by run(): attempts may start
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._stopped: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.notify: Callable[[str, dict[str, object]], None] = lambda name, data: None
@@ -76,7 +78,7 @@ class Scheduler:
         for env in envelopes:
             self.envelopes[env.evpid] = env
             heapq.heappush(self._heap, (env.next_try, env.evpid))
-        self._wakeup.set()
+        self._pump()
 
     def schedule_now(self, evpid: int | None = None) -> int:
         """Make one envelope (or all, for None) due now; returns how many."""
@@ -89,34 +91,66 @@ class Scheduler:
         for env in chosen:
             env.next_try = now
             heapq.heappush(self._heap, (now, env.evpid))
-        self._wakeup.set()
+        self._pump()
         return len(chosen)
 
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while not self._stopping:
-            self._wakeup.clear()
-            now = time.time()
-            while self._heap and self._heap[0][0] <= now and not self.paused:
-                when, evpid = heapq.heappop(self._heap)
-                env = self.envelopes.get(evpid)
-                if env is None or env.next_try != when or env.paused or evpid in self.running:
-                    continue
-                await self._slots.acquire()
-                self.running.add(evpid)
-                task = asyncio.create_task(self._attempt(env))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            timeout = None
-            if self._heap and not self.paused:
-                timeout = max(0.0, self._heap[0][0] - time.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+        """Start attempts as they fall due, until stop()."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = self._loop.create_future()
+        self._pump()
+        try:
+            await self._stopped
+        finally:
+            self._loop = None
+            self._disarm()
+
+    def _pump(self) -> None:
+        """Start every due attempt a slot allows, then arm one timer for the next one due.
+
+        Called wherever the answer may change (new or rescheduled envelopes, an attempt
+        ending, a resume) instead of waking a scheduling task: an accepted message's first
+        attempt starts in the loop iteration after its 250 is written.
+        """
+        loop = self._loop
+        if loop is None or self._stopping:
+            return
+        heap, running = self._heap, self.running
+        now = time.time()
+        while heap and heap[0][0] <= now and not self.paused and len(running) < self.parallel:
+            when, evpid = heapq.heappop(heap)
+            env = self.envelopes.get(evpid)
+            if env is None or env.next_try != when or env.paused or evpid in running:
+                continue
+            running.add(evpid)
+            task = loop.create_task(self._attempt(env))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if not heap or self.paused or len(running) >= self.parallel:
+            self._disarm()  # an attempt's end or a resume pumps again
+            return
+        due = heap[0][0]
+        if self._timer is None or due < self._timer_at:
+            self._disarm()
+            self._timer_at = due
+            self._timer = loop.call_later(max(0.0, due - now), self._timer_due)
+
+    def _timer_due(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
-        self._wakeup.set()
+        self._disarm()
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
@@ -141,8 +175,7 @@ class Scheduler:
                     heapq.heappush(self._heap, (env.next_try, env.evpid))
         finally:
             self.running.discard(env.evpid)
-            self._slots.release()
-            self._wakeup.set()
+            self._pump()
 
     async def _settle(self, env: Envelope, outcome: Outcome, start: float) -> None:
         now = time.time()

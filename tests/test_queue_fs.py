@@ -189,6 +189,95 @@ async def test_group_commit_many_concurrent(tmp_path):
     await q.close()
 
 
+async def test_results_recorded_between_and_during_commits_survive_a_restart(tmp_path):
+    """Done and update records reach the journal whether the writer thread is idle (they are
+    appended at once) or busy with commits (they queue behind them), in the order given."""
+    spool = str(tmp_path)
+    q = FsQueue(spool)
+    q.load()
+    first = [envelopes() for _ in range(40)]
+    for i, e in enumerate(first):
+        await q.commit(f"a{i}\r\n".encode(), e)
+    second = [envelopes() for _ in range(40)]
+
+    async def settle(i: int) -> None:
+        env = first[i][0]
+        if i % 2:
+            await q.remove(env)
+        else:
+            env.retry, env.last_error = i, f"4.2.0 busy {i}"
+            await q.update(env)
+
+    await asyncio.gather(
+        *(q.commit(f"b{i}\r\n".encode(), e) for i, e in enumerate(second)),
+        *(settle(i) for i in range(40)),
+    )
+    for i in range(0, 40, 2):  # an update, then a done record while the writer is idle
+        await q.update(first[i][0])
+        if i % 4 == 0:
+            await q.remove(first[i][0])
+    q, loaded = await reopen(q, spool)
+    by_id = {e.evpid: e for e in loaded}
+    expected_first = {first[i][0].evpid: i for i in range(2, 40, 4)}
+    assert set(by_id) == set(expected_first) | {e[0].evpid for e in second}
+    for evpid, i in expected_first.items():
+        assert (by_id[evpid].retry, by_id[evpid].last_error) == (i, f"4.2.0 busy {i}")
+    for i, e in enumerate(second):
+        assert q.read_message(e[0].msgid) == f"b{i}\r\n".encode()
+    await q.close()
+
+
+async def test_a_failed_done_record_keeps_the_envelope_and_what_follows(tmp_path, monkeypatch):
+    """A done record that cannot be written (disk full) fails that removal only: the envelope
+    is still queued after a restart (delivered twice rather than lost), and later records are
+    readable and survive."""
+    import homemail.queue_fs as queue_fs
+
+    q = FsQueue(str(tmp_path))
+    q.load()
+    kept, later = envelopes(), envelopes()
+    await q.commit(b"kept\r\n", kept)
+    real = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(queue_fs.os, "write", full)
+    with pytest.raises(OSError):
+        await q.remove(kept[0])
+    monkeypatch.setattr(queue_fs.os, "write", real)
+    await q.commit(b"later\r\n", later)
+    q, loaded = await reopen(q, str(tmp_path))
+    assert sorted(e.evpid for e in loaded) == sorted([kept[0].evpid, later[0].evpid])
+    assert q.read_message(later[0].msgid) == b"later\r\n"
+    await q.close()
+
+
+async def test_a_failed_commit_after_a_removal_keeps_it_removed(tmp_path, monkeypatch):
+    """The journal is cut back to its last good record after a failed sync; a done record
+    appended just before (the writer idle) is one of those and stays."""
+    import homemail.queue_fs as queue_fs
+
+    q = FsQueue(str(tmp_path))
+    q.load()
+    kept, done, failed = envelopes(), envelopes(), envelopes()
+    await q.commit(b"kept\r\n", kept)  # holds the segment (one without live mail goes)
+    await q.commit(b"done\r\n", done)
+    await q.remove(done[0])
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(queue_fs.os, "fdatasync", failing)
+    with pytest.raises(QueueError):
+        await q.commit(b"failed\r\n", failed)
+    monkeypatch.setattr(queue_fs.os, "fdatasync", real)
+    q, loaded = await reopen(q, str(tmp_path))
+    assert [e.evpid for e in loaded] == [kept[0].evpid]
+    await q.close()
+
+
 async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch):
     """A failed fdatasync (disk full, EIO) fails that commit only: what follows is readable
     and survives a restart."""

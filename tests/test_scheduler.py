@@ -168,3 +168,50 @@ async def test_unexpected_exception_is_a_tempfail_not_a_loss():
     await run_until(h, lambda: h.queue.envelopes.get(env.evpid) is not None
                     and h.queue.envelopes[env.evpid].retry == 1)
     assert "internal error" in h.queue.envelopes[env.evpid].last_error
+
+
+async def test_attempts_never_exceed_the_parallel_limit_and_all_complete():
+    h = Harness([], parallel=3)
+    active = {"now": 0, "most": 0}
+    gate = asyncio.Event()
+
+    async def slow(env: Envelope) -> None:
+        active["now"] += 1
+        active["most"] = max(active["most"], active["now"])
+        await gate.wait()
+        active["now"] -= 1
+
+    h.sched.deliver = slow
+    for _ in range(10):
+        await h.add(envelope())
+    task = asyncio.create_task(h.sched.run())
+    await asyncio.sleep(0.1)
+    assert (active["now"], len(h.sched.running)) == (3, 3)  # the rest wait for a slot
+    gate.set()
+    deadline = time.time() + 3
+    while h.queue.envelopes and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    await h.sched.stop()
+    task.cancel()
+    assert not h.queue.envelopes
+    assert active["most"] == 3
+
+
+async def test_a_later_envelope_due_sooner_is_not_held_behind_the_armed_timer():
+    h = Harness([])
+    late = envelope()
+    late.next_try = time.time() + 30
+    await h.add(late)
+    task = asyncio.create_task(h.sched.run())
+    await asyncio.sleep(0.05)  # a timer is armed 30 s out
+    soon = envelope()
+    soon.next_try = time.time() + 0.2
+    await h.add(soon)
+    deadline = time.time() + 3
+    while soon.evpid in h.queue.envelopes and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    await h.sched.stop()
+    task.cancel()
+    assert soon.evpid not in h.queue.envelopes
+    assert late.evpid in h.queue.envelopes
+    assert len(h.attempts) == 1 and h.attempts[0] >= soon.next_try - 0.02
