@@ -21,8 +21,9 @@ of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 
 envelope done (JSON ``{"evpid"}``).  A record that is short or fails its CRC ends the segment (a
 crash mid-append); the daemon always starts a fresh segment, so nothing is appended after it.
 ``U`` and ``D`` records need no sync of their own (a crash that loses one repeats an attempt,
-never loses mail): while the writer thread is idle the event loop appends them itself, one
-write(2) instead of two thread switches; otherwise they queue behind the thread's work.
+never loses mail; the next commit's sync, or a clean stop, covers them): while the writer thread
+is idle the event loop appends them itself, one write(2) instead of two thread switches;
+otherwise they queue behind the thread's work.  Either way no record overtakes another.
 
 **Lifetime.**  Most messages are delivered within moments, so a sealed segment usually holds no
 live message and is simply unlinked.  Segments are released strictly oldest first, because a
@@ -157,10 +158,14 @@ class FsQueue(Queue):
         self._active_opened = 0.0
         self._cache: dict[int, bytes] = {}
         self._cache_bytes = 0
-        self._lock = threading.Lock()  # guards _pending and the state dicts
+        # _lock guards _pending, _busy, _torn and the state dicts.  The active segment
+        # (_active_fd, _segments[-1].size) belongs to the writer thread while _busy is set and
+        # to whoever holds _lock while it is not.
+        self._lock = threading.Lock()
         self._pending: list[_Pending] = []
         self._wakeup = threading.Condition(self._lock)
-        self._busy = False  # the writer thread is writing or maintaining, not waiting
+        self._busy = False  # the writer thread is out of its wait (writing, maintaining, done)
+        self._torn = False  # a record the loop appended failed: the writer cuts it back first
         self._closing = False
         self._thread: threading.Thread | None = None
         self._last_maintenance = 0.0
@@ -445,13 +450,16 @@ class FsQueue(Queue):
         with self._wakeup:
             if self._closing:
                 raise QueueError("queue is closing")
-            if not (sync or after or self._busy or self._pending) and self._thread is not None:
-                # Nothing to wait for and nothing ahead of these records (the writer is idle):
-                # appending them here costs a write(2), waking the writer two thread switches.
+            idle = not (self._busy or self._pending or self._torn) and self._thread is not None
+            if idle and not sync and after is None:
+                # Nothing to wait for and nothing ahead of these records: appending them here
+                # costs a write(2) (to the page cache, like a log line), waking the writer two
+                # thread switches.
                 try:
                     self._append(b"".join(records))
                 except OSError as exc:
-                    self._after_failed_write()
+                    self._torn = True  # the repair syncs, so it is the writer's, before more
+                    self._wakeup.notify()
                     fut.set_exception(exc)
                 else:
                     fut.set_result(None)
@@ -464,13 +472,16 @@ class FsQueue(Queue):
         while True:
             with self._wakeup:
                 self._busy = False
-                while not self._pending and not self._closing:
+                while not (self._pending or self._closing or self._torn):
                     self._wakeup.wait(timeout=5.0)
-                    if not self._pending:
-                        break
+                    if not (self._pending or self._torn):
+                        break  # time for maintenance
                 self._busy = True
+                torn, self._torn = self._torn, False
                 batch, self._pending = self._pending, []
                 closing = self._closing
+            if torn:
+                self._after_failed_write()
             error: BaseException | None = None
             if batch:
                 try:
@@ -489,6 +500,8 @@ class FsQueue(Queue):
             except Exception:  # noqa: S110 - retried at the next pass; the segment stays
                 pass
             if closing and not batch:
+                with contextlib.suppress(OSError):  # the unsynced U and D records, at a clean stop
+                    os.fdatasync(self._active_fd)
                 return
 
     def _write_batch(self, batch: list[_Pending]) -> None:

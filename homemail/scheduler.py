@@ -98,10 +98,12 @@ class Scheduler:
 
     async def run(self) -> None:
         """Start attempts as they fall due, until stop()."""
+        if self._stopping:
+            return
         self._loop = asyncio.get_running_loop()
         self._stopped = self._loop.create_future()
-        self._pump()
         try:
+            self._pump()
             await self._stopped
         finally:
             self._loop = None
@@ -112,7 +114,8 @@ class Scheduler:
 
         Called wherever the answer may change (new or rescheduled envelopes, an attempt
         ending, a resume) instead of waking a scheduling task: an accepted message's first
-        attempt starts in the loop iteration after its 250 is written.
+        attempt starts two loop iterations after its 250 is written.  (An attempt never ends
+        inside create_task here; an eager task factory would need a guard against re-entry.)
         """
         loop = self._loop
         if loop is None or self._stopping:
@@ -175,7 +178,10 @@ class Scheduler:
                     heapq.heappush(self._heap, (env.next_try, env.evpid))
         finally:
             self.running.discard(env.evpid)
-            self._pump()
+            try:
+                self._pump()
+            except Exception as exc:  # a bug: say so; the next feed or attempt pumps again
+                log.event("-", "scheduler", "error", error=log.sanitize(repr(exc)))
 
     async def _settle(self, env: Envelope, outcome: Outcome, start: float) -> None:
         now = time.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -189,12 +190,36 @@ async def test_group_commit_many_concurrent(tmp_path):
     await q.close()
 
 
-async def test_results_recorded_between_and_during_commits_survive_a_restart(tmp_path):
-    """Done and update records reach the journal whether the writer thread is idle (they are
-    appended at once) or busy with commits (they queue behind them), in the order given."""
+async def writer_idle(q: FsQueue) -> None:
+    """Until the journal's writer thread waits for work: records are then appended directly."""
+    deadline = time.monotonic() + 5
+    while q._busy or q._pending:
+        assert time.monotonic() < deadline, "the writer thread stays busy"
+        await asyncio.sleep(0.001)
+
+
+def appends_on(q: FsQueue, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Record (thread, sync) for each append to the journal."""
+    calls: list[tuple[int, bool]] = []
+    real = q._append
+
+    def spy(data: bytes, *, sync: bool = False) -> None:
+        calls.append((threading.get_ident(), sync))
+        real(data, sync=sync)
+
+    monkeypatch.setattr(q, "_append", spy)
+    return calls
+
+
+async def test_results_recorded_between_and_during_commits_survive_a_restart(
+    tmp_path, monkeypatch
+):
+    """Done and update records reach the journal whether the writer thread is idle (the loop
+    appends them) or busy with commits (they queue behind them)."""
     spool = str(tmp_path)
     q = FsQueue(spool)
     q.load()
+    calls = appends_on(q, monkeypatch)
     first = [envelopes() for _ in range(40)]
     for i, e in enumerate(first):
         await q.commit(f"a{i}\r\n".encode(), e)
@@ -212,25 +237,71 @@ async def test_results_recorded_between_and_during_commits_survive_a_restart(tmp
         *(q.commit(f"b{i}\r\n".encode(), e) for i, e in enumerate(second)),
         *(settle(i) for i in range(40)),
     )
-    for i in range(0, 40, 2):  # an update, then a done record while the writer is idle
-        await q.update(first[i][0])
-        if i % 4 == 0:
-            await q.remove(first[i][0])
+    loop_thread = threading.get_ident()
+    direct = 0
+    for i in range(0, 40, 4):  # with the writer idle: appended on this thread
+        await writer_idle(q)
+        before = len(calls)
+        await q.remove(first[i][0])
+        assert calls[before:] == [(loop_thread, False)]
+        direct += 1
+    third = envelopes()
+    await q.commit(b"c\r\n", third)  # after the direct appends: its offset must allow for them
+    q._cache.clear()
+    assert q.read_message(third[0].msgid) == b"c\r\n"
+    assert q.read_message(second[7][0].msgid) == b"b7\r\n"
+    assert direct == 10
     q, loaded = await reopen(q, spool)
     by_id = {e.evpid: e for e in loaded}
     expected_first = {first[i][0].evpid: i for i in range(2, 40, 4)}
-    assert set(by_id) == set(expected_first) | {e[0].evpid for e in second}
+    assert set(by_id) == set(expected_first) | {e[0].evpid for e in second} | {third[0].evpid}
     for evpid, i in expected_first.items():
         assert (by_id[evpid].retry, by_id[evpid].last_error) == (i, f"4.2.0 busy {i}")
-    for i, e in enumerate(second):
-        assert q.read_message(e[0].msgid) == f"b{i}\r\n".encode()
+    assert q.read_message(third[0].msgid) == b"c\r\n"
     await q.close()
 
 
-async def test_a_failed_done_record_keeps_the_envelope_and_what_follows(tmp_path, monkeypatch):
-    """A done record that cannot be written (disk full) fails that removal only: the envelope
-    is still queued after a restart (delivered twice rather than lost), and later records are
-    readable and survive."""
+async def test_an_update_appended_directly_lands_after_one_queued_behind_a_commit(
+    tmp_path, monkeypatch
+):
+    import homemail.queue_fs as queue_fs
+
+    q = FsQueue(str(tmp_path))
+    q.load()
+    env, other = envelopes(), envelopes()
+    await q.commit(b"kept\r\n", env)
+    held, release = threading.Event(), threading.Event()
+    real_sync = os.fdatasync
+
+    def slow_sync(fd: int) -> None:
+        held.set()
+        release.wait(5)
+        real_sync(fd)
+
+    monkeypatch.setattr(queue_fs.os, "fdatasync", slow_sync)
+    commit = asyncio.ensure_future(q.commit(b"other\r\n", other))
+    assert await asyncio.to_thread(held.wait, 5)  # the writer is inside a commit's sync
+    env[0].retry = 1
+    queued = asyncio.ensure_future(q.update(env[0]))
+    await asyncio.sleep(0.05)
+    assert not queued.done() and len(q._pending) == 1  # behind the commit, not appended
+    release.set()
+    await asyncio.gather(commit, queued)
+    monkeypatch.setattr(queue_fs.os, "fdatasync", real_sync)
+    await writer_idle(q)
+    env[0].retry = 2
+    await q.update(env[0])
+    q, loaded = await reopen(q, str(tmp_path))
+    assert {e.evpid: e.retry for e in loaded} == {env[0].evpid: 2, other[0].evpid: 0}
+    await q.close()
+
+
+async def test_a_failed_direct_append_is_cut_back_and_what_follows_survives(
+    tmp_path, monkeypatch
+):
+    """A done record the loop could only half write (disk full) fails that removal only: the
+    writer cuts the torn bytes back before anything else, the envelope is still queued after
+    a restart (delivered twice rather than lost), and later records are readable."""
     import homemail.queue_fs as queue_fs
 
     q = FsQueue(str(tmp_path))
@@ -238,15 +309,27 @@ async def test_a_failed_done_record_keeps_the_envelope_and_what_follows(tmp_path
     kept, later = envelopes(), envelopes()
     await q.commit(b"kept\r\n", kept)
     real = os.write
+    loop_thread = threading.get_ident()
+    torn: list[int] = []  # the bytes written of the record, then the disk is full
 
-    def full(fd: int, data: bytes) -> int:
+    def half_then_full(fd: int, data: bytes) -> int:
+        if threading.get_ident() != loop_thread or fd != q._active_fd or len(torn) > 1:
+            return real(fd, data)
+        if not torn:
+            torn.append(real(fd, bytes(data)[: len(data) // 2]))
+            return torn[0]
+        torn.append(0)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(queue_fs.os, "write", full)
+    monkeypatch.setattr(queue_fs.os, "write", half_then_full)
+    await writer_idle(q)
     with pytest.raises(OSError):
         await q.remove(kept[0])
     monkeypatch.setattr(queue_fs.os, "write", real)
+    assert len(torn) == 2 and torn[0] > 0  # part of the record did reach the file
     await q.commit(b"later\r\n", later)
+    q._cache.clear()
+    assert q.read_message(later[0].msgid) == b"later\r\n"
     q, loaded = await reopen(q, str(tmp_path))
     assert sorted(e.evpid for e in loaded) == sorted([kept[0].evpid, later[0].evpid])
     assert q.read_message(later[0].msgid) == b"later\r\n"
@@ -260,10 +343,13 @@ async def test_a_failed_commit_after_a_removal_keeps_it_removed(tmp_path, monkey
 
     q = FsQueue(str(tmp_path))
     q.load()
+    calls = appends_on(q, monkeypatch)
     kept, done, failed = envelopes(), envelopes(), envelopes()
     await q.commit(b"kept\r\n", kept)  # holds the segment (one without live mail goes)
     await q.commit(b"done\r\n", done)
+    await writer_idle(q)
     await q.remove(done[0])
+    assert calls[-1] == (threading.get_ident(), False)
     real = os.fdatasync
 
     def failing(fd: int) -> None:

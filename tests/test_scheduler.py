@@ -203,7 +203,8 @@ async def test_a_later_envelope_due_sooner_is_not_held_behind_the_armed_timer():
     late.next_try = time.time() + 30
     await h.add(late)
     task = asyncio.create_task(h.sched.run())
-    await asyncio.sleep(0.05)  # a timer is armed 30 s out
+    await asyncio.sleep(0.05)
+    assert h.sched._timer_at == late.next_try  # a timer is armed 30 s out
     soon = envelope()
     soon.next_try = time.time() + 0.2
     await h.add(soon)
@@ -215,3 +216,31 @@ async def test_a_later_envelope_due_sooner_is_not_held_behind_the_armed_timer():
     assert soon.evpid not in h.queue.envelopes
     assert late.evpid in h.queue.envelopes
     assert len(h.attempts) == 1 and h.attempts[0] >= soon.next_try - 0.02
+
+
+async def test_resuming_the_mda_starts_what_fell_due_while_paused():
+    h = Harness([])
+    h.sched.paused = True
+    env = envelope()
+    await h.add(env)
+    task = asyncio.create_task(h.sched.run())
+    await asyncio.sleep(0.1)
+    assert h.attempts == []
+    h.sched.paused = False
+    h.sched.schedule([])  # what the daemon's resume does
+    deadline = time.time() + 3
+    while h.queue.envelopes and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    await h.sched.stop()
+    task.cancel()
+    assert not h.queue.envelopes and len(h.attempts) == 1
+
+
+async def test_run_after_stop_returns_and_starts_nothing():
+    h = Harness([])
+    await h.add(envelope())
+    await h.sched.stop()
+    await asyncio.wait_for(h.sched.run(), 1)
+    h.sched.schedule([envelope()])
+    await asyncio.sleep(0.05)
+    assert h.attempts == []
