@@ -29,7 +29,10 @@ otherwise they queue behind the thread's work.  Either way no record overtakes a
 live message and is simply unlinked.  Segments are released strictly oldest first, because a
 ``D`` record in a newer segment may cancel a message of an older one.  A message still queued
 when its segment is older than ``materialize_after`` seconds is copied (fsync'd) into ``queue/``,
-after which its envelopes are JSON files updated in place, and the segment can go.  At start the
+after which its envelopes are JSON files updated in place, and the segment can go.  The writer
+thread copies for at most ``MAINTAIN_SLICE`` at a time and writes the commits waiting in between,
+so a paused or unreachable destination that leaves thousands of messages behind never holds a
+250 for the whole copy.  At start the
 journal is replayed, then ``queue/`` is read; a message present in both is taken from ``queue/``.
 
 **The index.**  Reading ``queue/`` costs a directory walk and a file per envelope: tens of seconds
@@ -63,6 +66,7 @@ MAGIC = b"HMQ1"
 SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 SEGMENT_MAX_AGE = 30.0
 MATERIALIZE_AFTER = 60.0
+MAINTAIN_SLICE = 0.05  # seconds of copying into queue/ before commits waiting get their turn
 INDEX_VERSION = 1
 SCAN_THREADS = 16  # threads reading queue/ when there is no index
 CACHE_BYTES = 64 * 1024 * 1024
@@ -469,10 +473,11 @@ class FsQueue(Queue):
         return fut
 
     def _run(self) -> None:
+        more = False  # maintenance left over from the last pass: no wait before the next
         while True:
             with self._wakeup:
                 self._busy = False
-                while not (self._pending or self._closing or self._torn):
+                while not (self._pending or self._closing or self._torn or more):
                     self._wakeup.wait(timeout=5.0)
                     if not (self._pending or self._torn):
                         break  # time for maintenance
@@ -496,9 +501,9 @@ class FsQueue(Queue):
                             item.after(seg, item.end)
                     item.loop.call_soon_threadsafe(_resolve, item.future, error)
             try:
-                self._maintain()
-            except Exception:  # noqa: S110 - retried at the next pass; the segment stays
-                pass
+                more = self._maintain()
+            except Exception:  # retried at the next pass; the segment stays
+                more = False
             if closing and not batch:
                 with contextlib.suppress(OSError):  # the unsynced U and D records, at a clean stop
                     os.fdatasync(self._active_fd)
@@ -536,8 +541,15 @@ class FsQueue(Queue):
             with contextlib.suppress(OSError):
                 self._open_segment(seg.seq + 1)
 
-    def _maintain(self) -> None:
+    def _maintain(self, budget: float = MAINTAIN_SLICE) -> bool:
+        """Rotate the active segment, copy what outlived old segments, release them.
+
+        Copying into ``queue/`` costs several syncs a message, and a paused or unreachable
+        destination can leave tens of thousands in a segment; commits wait while this runs, so
+        one pass copies for at most ``budget`` seconds and returns True if it stopped short.
+        """
         now = time.time()
+        deadline = time.monotonic() + budget
         seg = self._segments[-1]
         if seg.size and (
             seg.size >= self.segment_max_bytes or now - self._active_opened >= self.segment_max_age
@@ -552,12 +564,17 @@ class FsQueue(Queue):
                 if now - oldest.sealed_at < self.materialize_after:
                     break
                 for msgid in live:
+                    if time.monotonic() >= deadline:
+                        if released:
+                            fsync_dir(self.journal_dir)
+                        return True
                     self._materialize(oldest, msgid)
             os.unlink(oldest.path)
             self._segments.pop(0)
             released = True
         if released:
             fsync_dir(self.journal_dir)
+        return False
 
     def _materialize(self, seg: _Segment, msgid: int) -> None:
         """Copy a journal-resident message into queue/ (fsync'd) so its segment can go."""

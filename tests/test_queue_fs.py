@@ -162,6 +162,46 @@ async def test_deferred_message_is_materialized_and_survives(tmp_path):
     await q.close()
 
 
+async def test_a_commit_is_not_held_behind_copying_a_long_queue_into_queue_dir(
+    tmp_path, monkeypatch
+):
+    """Messages that outlive their segment are copied into queue/ a slice at a time: a commit
+    that arrives meanwhile is written between two slices, not after the whole copy."""
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool, materialize_after=3600)
+    q.load()
+    queued = [envelopes() for _ in range(60)]
+    for i, e in enumerate(queued[:-1]):
+        await q.commit(f"m{i}\r\n".encode(), e)
+    real = queue_fs.write_file_synced
+
+    def slow(path: str, data: bytes) -> None:  # a slow disk: about a second for the 60
+        time.sleep(0.008)
+        real(path, data)
+
+    monkeypatch.setattr(queue_fs, "write_file_synced", slow)
+    q.segment_max_age = q.materialize_after = 0.0
+    await q.commit(b"m59\r\n", queued[-1])  # then the segment is sealed, and copied at once
+    copied = lambda: len(list((tmp_path / "queue").rglob("message")))  # noqa: E731
+    deadline = time.monotonic() + 10
+    while copied() == 0:
+        assert time.monotonic() < deadline, "nothing was copied into queue/"
+        await asyncio.sleep(0.005)
+    late = envelopes()
+    await q.commit(b"late\r\n", late)
+    assert copied() < len(queued)  # the copy goes on after the commit was written
+    while copied() < len(queued):
+        assert time.monotonic() < deadline, "the copy into queue/ stopped"
+        await asyncio.sleep(0.02)
+    q, loaded = await reopen(q, spool, materialize_after=3600)
+    assert len(loaded) == len(queued) + 1
+    assert q.read_message(late[0].msgid) == b"late\r\n"
+    assert q.read_message(queued[59][0].msgid) == b"m59\r\n"
+    await q.close()
+
+
 async def test_envelope_json_escapes_hostile_text(tmp_path):
     spool = str(tmp_path)
     q = FsQueue(spool)
