@@ -30,10 +30,10 @@ live message and is simply unlinked.  Segments are released strictly oldest firs
 ``D`` record in a newer segment may cancel a message of an older one.  A message still queued
 when its segment is older than ``materialize_after`` seconds is copied (fsync'd) into ``queue/``,
 after which its envelopes are JSON files updated in place, and the segment can go.  The writer
-thread copies for at most ``MAINTAIN_SLICE`` at a time and writes the commits waiting in between,
-so a paused or unreachable destination that leaves thousands of messages behind never holds a
-250 for the whole copy.  At start the
-journal is replayed, then ``queue/`` is read; a message present in both is taken from ``queue/``.
+thread copies until commits are waiting (or for ``MAINTAIN_SLICE`` at most), writes them, then
+copies on, so a paused or unreachable destination that leaves thousands of messages behind
+never holds a 250 for the whole copy.  At start the journal is replayed, then ``queue/`` is
+read; a message present in both is taken from ``queue/``.
 
 **The index.**  Reading ``queue/`` costs a directory walk and a file per envelope: tens of seconds
 for 100,000 envelopes on a cold cache.  So a clean stop, once nothing can change ``queue/`` any
@@ -59,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from homemail import log
 from homemail.queue import Envelope, Queue, QueueError, format_id
 
 HEADER = struct.Struct(">4sBIII")
@@ -541,40 +542,58 @@ class FsQueue(Queue):
             with contextlib.suppress(OSError):
                 self._open_segment(seg.seq + 1)
 
-    def _maintain(self, budget: float = MAINTAIN_SLICE) -> bool:
+    def _maintain(self) -> bool:
         """Rotate the active segment, copy what outlived old segments, release them.
 
         Copying into ``queue/`` costs several syncs a message, and a paused or unreachable
-        destination can leave tens of thousands in a segment; commits wait while this runs, so
-        one pass copies for at most ``budget`` seconds and returns True if it stopped short.
+        destination can leave tens of thousands in a segment, while commits wait for this
+        thread.  So a pass tries at least one message, then stops as soon as commits are
+        waiting or ``MAINTAIN_SLICE`` seconds are spent, and returns True if it stopped short
+        after copying something (the next pass then comes without a wait).  A message whose
+        copy fails is skipped; its segment, and so every newer one, stays until a later pass.
         """
-        now = time.time()
-        deadline = time.monotonic() + budget
         seg = self._segments[-1]
         if seg.size and (
-            seg.size >= self.segment_max_bytes or now - self._active_opened >= self.segment_max_age
+            seg.size >= self.segment_max_bytes
+            or time.time() - self._active_opened >= self.segment_max_age
         ):
             self._open_segment(seg.seq + 1)
+        now = time.time()
+        deadline = time.monotonic() + MAINTAIN_SLICE
+        tried = copied = 0
+        failed: list[tuple[int, Exception]] = []
         released = False
-        while len(self._segments) > 1:
-            oldest = self._segments[0]
-            with self._lock:
-                live = list(oldest.live)
-            if live:
-                if now - oldest.sealed_at < self.materialize_after:
-                    break
-                for msgid in live:
-                    if time.monotonic() >= deadline:
-                        if released:
-                            fsync_dir(self.journal_dir)
-                        return True
-                    self._materialize(oldest, msgid)
-            os.unlink(oldest.path)
-            self._segments.pop(0)
-            released = True
-        if released:
-            fsync_dir(self.journal_dir)
-        return False
+        try:
+            while len(self._segments) > 1:
+                oldest = self._segments[0]
+                with self._lock:
+                    live = list(oldest.live)
+                if live:
+                    if now - oldest.sealed_at < self.materialize_after:
+                        return False
+                    for msgid in live:
+                        if tried and (self._pending or time.monotonic() >= deadline):
+                            return copied > 0
+                        tried += 1
+                        try:
+                            self._materialize(oldest, msgid)
+                        except (OSError, QueueError) as exc:
+                            failed.append((msgid, exc))
+                        else:
+                            copied += 1
+                    if failed:
+                        return False  # tried again at the next pass (a commit, or 5 s idle)
+                os.unlink(oldest.path)
+                self._segments.pop(0)
+                released = True
+            return False
+        finally:
+            if released:
+                fsync_dir(self.journal_dir)
+            if failed:  # one line a pass, however many failed
+                first, error = failed[0]
+                log.event(format_id(first), "queue", "copy-failed", error=str(error),
+                          messages=len(failed))
 
     def _materialize(self, seg: _Segment, msgid: int) -> None:
         """Copy a journal-resident message into queue/ (fsync'd) so its segment can go."""
@@ -598,6 +617,8 @@ class FsQueue(Queue):
         fsync_dir(tmpdir)
         final = self._msgdir(msgid)
         os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+        if os.path.lexists(final):  # an earlier copy renamed, then not synced: this one wins
+            shutil.rmtree(final)
         os.rename(tmpdir, final)
         fsync_dir(os.path.dirname(final))
         with self._lock:

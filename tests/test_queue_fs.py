@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from homemail.queue import Envelope, QueueError, new_evpid, new_msgid
+from homemail.queue import Envelope, QueueError, format_id, new_evpid, new_msgid
 from homemail.queue_fs import FsQueue
 from homemail.queue_ram import RamQueue
 
@@ -162,44 +162,91 @@ async def test_deferred_message_is_materialized_and_survives(tmp_path):
     await q.close()
 
 
+def copied_into_queue_dir(spool: Path) -> int:
+    return len(list((spool / "queue").rglob("message")))
+
+
+async def wait_for(predicate, what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
 async def test_a_commit_is_not_held_behind_copying_a_long_queue_into_queue_dir(
     tmp_path, monkeypatch
 ):
-    """Messages that outlive their segment are copied into queue/ a slice at a time: a commit
-    that arrives meanwhile is written between two slices, not after the whole copy."""
+    """Messages that outlive their segment are copied into queue/ a few at a time: a commit
+    that arrives meanwhile is written between two of them, not after the whole copy."""
     import homemail.queue_fs as queue_fs
 
     spool = str(tmp_path)
     q = FsQueue(spool, materialize_after=3600)
     q.load()
-    queued = [envelopes() for _ in range(60)]
-    for i, e in enumerate(queued[:-1]):
-        await q.commit(f"m{i}\r\n".encode(), e)
-    real = queue_fs.write_file_synced
+    try:
+        queued = [envelopes() for _ in range(60)]
+        for i, e in enumerate(queued[:-1]):
+            await q.commit(f"m{i}\r\n".encode(), e)
+        real = queue_fs.write_file_synced
 
-    def slow(path: str, data: bytes) -> None:  # a slow disk: about a second for the 60
-        time.sleep(0.008)
-        real(path, data)
+        def slow(path: str, data: bytes) -> None:  # a slow disk: about a second for the 60
+            time.sleep(0.008)
+            real(path, data)
 
-    monkeypatch.setattr(queue_fs, "write_file_synced", slow)
-    q.segment_max_age = q.materialize_after = 0.0
-    await q.commit(b"m59\r\n", queued[-1])  # then the segment is sealed, and copied at once
-    copied = lambda: len(list((tmp_path / "queue").rglob("message")))  # noqa: E731
-    deadline = time.monotonic() + 10
-    while copied() == 0:
-        assert time.monotonic() < deadline, "nothing was copied into queue/"
-        await asyncio.sleep(0.005)
-    late = envelopes()
-    await q.commit(b"late\r\n", late)
-    assert copied() < len(queued)  # the copy goes on after the commit was written
-    while copied() < len(queued):
-        assert time.monotonic() < deadline, "the copy into queue/ stopped"
-        await asyncio.sleep(0.02)
-    q, loaded = await reopen(q, spool, materialize_after=3600)
-    assert len(loaded) == len(queued) + 1
-    assert q.read_message(late[0].msgid) == b"late\r\n"
-    assert q.read_message(queued[59][0].msgid) == b"m59\r\n"
-    await q.close()
+        monkeypatch.setattr(queue_fs, "write_file_synced", slow)
+        q.segment_max_age = q.materialize_after = 0.0
+        await q.commit(b"m59\r\n", queued[-1])  # then the segment is sealed and copied
+        await wait_for(lambda: copied_into_queue_dir(tmp_path) > 0, "nothing was copied")
+        late = envelopes()
+        await q.commit(b"late\r\n", late)
+        assert copied_into_queue_dir(tmp_path) < len(queued)  # the copy goes on after it
+        await wait_for(lambda: copied_into_queue_dir(tmp_path) >= len(queued), "copy stopped")
+        q, loaded = await reopen(q, spool, materialize_after=3600)
+        assert len(loaded) == len(queued) + 1
+        assert q.read_message(late[0].msgid) == b"late\r\n"
+        assert q.read_message(queued[59][0].msgid) == b"m59\r\n"
+    finally:
+        await q.close()
+
+
+async def test_a_message_whose_copy_fails_keeps_its_segment_and_is_copied_later(
+    tmp_path, monkeypatch
+):
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool, materialize_after=3600)
+    q.load()
+    try:
+        queued = [envelopes() for _ in range(5)]
+        for i, e in enumerate(queued[:-1]):
+            await q.commit(f"m{i}\r\n".encode(), e)
+        bad = format_id(queued[2][0].msgid)
+        real = queue_fs.write_file_synced
+        broken = [True]
+
+        def failing_for_one(path: str, data: bytes) -> None:
+            if broken[0] and bad in path:
+                raise OSError(5, "Input/output error")
+            real(path, data)
+
+        monkeypatch.setattr(queue_fs, "write_file_synced", failing_for_one)
+        q.segment_max_age = q.materialize_after = 0.0
+        await q.commit(b"m4\r\n", queued[-1])
+        await wait_for(lambda: copied_into_queue_dir(tmp_path) == 4, "the others were not copied")
+        journal = tmp_path / "journal"
+        first = min(journal.glob("*.log"))
+        await asyncio.sleep(0.2)
+        assert first.exists()  # its segment stays while one of its messages is not copied
+        broken[0] = False
+        await q.commit(b"after\r\n", envelopes())  # a later pass copies it
+        await wait_for(lambda: not first.exists(), "the segment was never released")
+        assert (tmp_path / "queue" / bad[:2] / bad / "message").read_bytes() == b"m2\r\n"
+        q, loaded = await reopen(q, spool, materialize_after=3600)
+        assert len(loaded) == 6
+        assert q.read_message(queued[2][0].msgid) == b"m2\r\n"
+    finally:
+        await q.close()
 
 
 async def test_envelope_json_escapes_hostile_text(tmp_path):
