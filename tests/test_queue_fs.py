@@ -173,6 +173,14 @@ async def wait_for(predicate, what: str, seconds: float = 20) -> None:
         await asyncio.sleep(0.01)
 
 
+async def all_but_the_last_committed(q: FsQueue, n: int) -> list[list[Envelope]]:
+    """The envelopes of n messages "m0" …, all committed but the last (the test's to commit)."""
+    queued = [envelopes() for _ in range(n)]
+    for i, e in enumerate(queued[:-1]):
+        await q.commit(f"m{i}\r\n".encode(), e)
+    return queued
+
+
 async def test_a_commit_is_not_held_behind_copying_a_long_queue_into_queue_dir(
     tmp_path, monkeypatch
 ):
@@ -184,9 +192,7 @@ async def test_a_commit_is_not_held_behind_copying_a_long_queue_into_queue_dir(
     q = FsQueue(spool, materialize_after=3600)
     q.load()
     try:
-        queued = [envelopes() for _ in range(60)]
-        for i, e in enumerate(queued[:-1]):
-            await q.commit(f"m{i}\r\n".encode(), e)
+        queued = await all_but_the_last_committed(q, 60)
         real = queue_fs.write_file_synced
 
         def slow(path: str, data: bytes) -> None:  # a slow disk: about a second for the 60
@@ -218,9 +224,7 @@ async def test_a_message_whose_copy_fails_keeps_its_segment_and_is_copied_later(
     q = FsQueue(spool, materialize_after=3600)
     q.load()
     try:
-        queued = [envelopes() for _ in range(5)]
-        for i, e in enumerate(queued[:-1]):
-            await q.commit(f"m{i}\r\n".encode(), e)
+        queued = await all_but_the_last_committed(q, 6)  # m0 … m4; m5 starts the copy
         bad = format_id(queued[2][0].msgid)
         real = queue_fs.write_file_synced
         broken = [True]
@@ -230,20 +234,25 @@ async def test_a_message_whose_copy_fails_keeps_its_segment_and_is_copied_later(
                 raise OSError(5, "Input/output error")
             real(path, data)
 
+        def in_queue_dir(i: int) -> Path:
+            name = format_id(queued[i][0].msgid)
+            return tmp_path / "queue" / name[:2] / name / "message"
+
         monkeypatch.setattr(queue_fs, "write_file_synced", failing_for_one)
         q.segment_max_age = q.materialize_after = 0.0
-        await q.commit(b"m4\r\n", queued[-1])
-        await wait_for(lambda: copied_into_queue_dir(tmp_path) == 4, "the others were not copied")
-        journal = tmp_path / "journal"
-        first = min(journal.glob("*.log"))
+        await q.commit(b"m5\r\n", queued[5])  # (an idle pass may seal the segment before it)
+        others = (0, 1, 3, 4)
+        await wait_for(lambda: all(in_queue_dir(i).exists() for i in others), "others not copied")
+        first = min((tmp_path / "journal").glob("*.log"))
         await asyncio.sleep(0.2)
         assert first.exists()  # its segment stays while one of its messages is not copied
+        assert not in_queue_dir(2).exists()
         broken[0] = False
         await q.commit(b"after\r\n", envelopes())  # a later pass copies it
         await wait_for(lambda: not first.exists(), "the segment was never released")
-        assert (tmp_path / "queue" / bad[:2] / bad / "message").read_bytes() == b"m2\r\n"
+        assert in_queue_dir(2).read_bytes() == b"m2\r\n"
         q, loaded = await reopen(q, spool, materialize_after=3600)
-        assert len(loaded) == 6
+        assert len(loaded) == 7
         assert q.read_message(queued[2][0].msgid) == b"m2\r\n"
     finally:
         await q.close()

@@ -61,6 +61,15 @@ async def run_until(h: Harness, predicate, timeout: float = 5.0) -> None:
     assert predicate()
 
 
+async def stop_when(h: Harness, task: asyncio.Task[None], done, seconds: float = 3) -> None:
+    """Let the running scheduler work until done() or the time is up, then stop it."""
+    deadline = time.time() + seconds
+    while not done() and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    await h.sched.stop()
+    task.cancel()
+
+
 async def test_success_removes_envelope():
     h = Harness([None])
     env = envelope()
@@ -148,11 +157,7 @@ async def test_pause_holds_deliveries_and_schedule_now_releases():
     assert h.attempts == []
     env.paused = False
     assert h.sched.schedule_now(env.evpid) == 1
-    deadline = time.time() + 3
-    while h.queue.envelopes and time.time() < deadline:
-        await asyncio.sleep(0.01)
-    await h.sched.stop()
-    task.cancel()
+    await stop_when(h, task, lambda: not h.queue.envelopes)
     assert not h.queue.envelopes
 
 
@@ -188,11 +193,7 @@ async def test_attempts_never_exceed_the_parallel_limit_and_all_complete():
     await asyncio.sleep(0.1)
     assert (active["now"], len(h.sched.running)) == (3, 3)  # the rest wait for a slot
     gate.set()
-    deadline = time.time() + 3
-    while h.queue.envelopes and time.time() < deadline:
-        await asyncio.sleep(0.01)
-    await h.sched.stop()
-    task.cancel()
+    await stop_when(h, task, lambda: not h.queue.envelopes)
     assert not h.queue.envelopes
     assert active["most"] == 3
 
@@ -208,11 +209,7 @@ async def test_a_later_envelope_due_sooner_is_not_held_behind_the_armed_timer():
     soon = envelope()
     soon.next_try = time.time() + 0.2
     await h.add(soon)
-    deadline = time.time() + 3
-    while soon.evpid in h.queue.envelopes and time.time() < deadline:
-        await asyncio.sleep(0.01)
-    await h.sched.stop()
-    task.cancel()
+    await stop_when(h, task, lambda: soon.evpid not in h.queue.envelopes)
     assert soon.evpid not in h.queue.envelopes
     assert late.evpid in h.queue.envelopes
     assert len(h.attempts) == 1 and h.attempts[0] >= soon.next_try - 0.02
@@ -228,11 +225,7 @@ async def test_resuming_the_mda_starts_what_fell_due_while_paused():
     assert h.attempts == []
     h.sched.paused = False
     h.sched.schedule([])  # what the daemon's resume does
-    deadline = time.time() + 3
-    while h.queue.envelopes and time.time() < deadline:
-        await asyncio.sleep(0.01)
-    await h.sched.stop()
-    task.cancel()
+    await stop_when(h, task, lambda: not h.queue.envelopes)
     assert not h.queue.envelopes and len(h.attempts) == 1
 
 
