@@ -12,7 +12,11 @@ Layout under the spool directory::
 messages a second allows, and concurrent fsyncs do not batch.  An append plus one fdatasync
 costs a tenth of that and covers any number of records, so every message accepted while one sync
 is in flight is committed by the next one (group commit): ``commit`` returns — and SMTP answers
-250 — only after the fdatasync that covers the message has returned.
+250 — only after the fdatasync that covers the message has returned.  ``U`` and ``D`` records
+need no sync of their own (a crash that loses one repeats an attempt, never loses mail; the next
+commit's sync, the sync before a segment is closed, or a clean stop covers them): while the
+writer thread is idle the event loop appends them itself, one write(2) instead of two thread
+switches; otherwise they queue behind the thread's work.  Either way no record overtakes another.
 
 **Segment record format.**  Each record is a 17-byte header ``b"HMQ1"``, a type byte, the length
 of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 of both parts
@@ -20,20 +24,17 @@ of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 
 [...]}``, data = the message), ``U`` an envelope's new state (JSON: the envelope), ``D`` an
 envelope done (JSON ``{"evpid"}``).  A record that is short or fails its CRC ends the segment (a
 crash mid-append); the daemon always starts a fresh segment, so nothing is appended after it.
-``U`` and ``D`` records need no sync of their own (a crash that loses one repeats an attempt,
-never loses mail; the next commit's sync, or a clean stop, covers them): while the writer thread
-is idle the event loop appends them itself, one write(2) instead of two thread switches;
-otherwise they queue behind the thread's work.  Either way no record overtakes another.
 
 **Lifetime.**  Most messages are delivered within moments, so a sealed segment usually holds no
 live message and is simply unlinked.  Segments are released strictly oldest first, because a
 ``D`` record in a newer segment may cancel a message of an older one.  A message still queued
 when its segment is older than ``materialize_after`` seconds is copied (fsync'd) into ``queue/``,
 after which its envelopes are JSON files updated in place, and the segment can go.  The writer
-thread copies until commits are waiting (or for ``MAINTAIN_SLICE`` at most), writes them, then
-copies on, so a paused or unreachable destination that leaves thousands of messages behind
-never holds a 250 for the whole copy.  At start the journal is replayed, then ``queue/`` is
-read; a message present in both is taken from ``queue/``.
+thread copies one message, then more until commits are waiting (or for ``MAINTAIN_SLICE`` at
+most), writes them, and copies on: with thousands of messages left behind by a paused or
+unreachable destination, a 250 waits for one message's copy at most, not for all.  At start
+the journal is replayed, then ``queue/`` is read; a message present in both is taken from
+``queue/``.
 
 **The index.**  Reading ``queue/`` costs a directory walk and a file per envelope: tens of seconds
 for 100,000 envelopes on a cold cache.  So a clean stop, once nothing can change ``queue/`` any
@@ -68,6 +69,7 @@ SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 SEGMENT_MAX_AGE = 30.0
 MATERIALIZE_AFTER = 60.0
 MAINTAIN_SLICE = 0.05  # seconds of copying into queue/ before commits waiting get their turn
+COPY_RETRY = 30.0  # seconds before a message whose copy into queue/ failed is tried again
 INDEX_VERSION = 1
 SCAN_THREADS = 16  # threads reading queue/ when there is no index
 CACHE_BYTES = 64 * 1024 * 1024
@@ -171,6 +173,7 @@ class FsQueue(Queue):
         self._wakeup = threading.Condition(self._lock)
         self._busy = False  # the writer thread is out of its wait (writing, maintaining, done)
         self._torn = False  # a record the loop appended failed: the writer cuts it back first
+        self._copy_failed: dict[int, float] = {}  # msgid: when to try its copy again (monotonic)
         self._closing = False
         self._thread: threading.Thread | None = None
         self._last_maintenance = 0.0
@@ -434,9 +437,15 @@ class FsQueue(Queue):
     def _open_segment(self, seq: int) -> None:
         path = os.path.join(self.journal_dir, f"{seq:016x}.log")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        os.fsync(fd)
-        fsync_dir(self.journal_dir)
+        try:
+            os.fsync(fd)
+            fsync_dir(self.journal_dir)
+        except OSError:
+            os.close(fd)
+            raise
         if self._active_fd >= 0:
+            with contextlib.suppress(OSError):  # its U and D records (a failed one was cut back)
+                os.fdatasync(self._active_fd)
             os.close(self._active_fd)
             self._segments[-1].sealed_at = time.time()
         self._active_fd = fd
@@ -500,7 +509,8 @@ class FsQueue(Queue):
                     if error is None and item.after is not None:
                         with self._lock:
                             item.after(seg, item.end)
-                    item.loop.call_soon_threadsafe(_resolve, item.future, error)
+                    with contextlib.suppress(RuntimeError):  # its loop is gone (a test's end)
+                        item.loop.call_soon_threadsafe(_resolve, item.future, error)
             try:
                 more = self._maintain()
             except Exception:  # retried at the next pass; the segment stays
@@ -550,7 +560,8 @@ class FsQueue(Queue):
         thread.  So a pass tries at least one message, then stops as soon as commits are
         waiting or ``MAINTAIN_SLICE`` seconds are spent, and returns True if it stopped short
         after copying something (the next pass then comes without a wait).  A message whose
-        copy fails is skipped; its segment, and so every newer one, stays until a later pass.
+        copy fails is logged and left alone for ``COPY_RETRY`` seconds while the others are
+        copied; its segment, and so every newer one, stays until it is copied too.
         """
         seg = self._segments[-1]
         if seg.size and (
@@ -561,7 +572,6 @@ class FsQueue(Queue):
         now = time.time()
         deadline = time.monotonic() + MAINTAIN_SLICE
         tried = copied = 0
-        failed: list[tuple[int, Exception]] = []
         released = False
         try:
             while len(self._segments) > 1:
@@ -571,29 +581,35 @@ class FsQueue(Queue):
                 if live:
                     if now - oldest.sealed_at < self.materialize_after:
                         return False
+                    waiting = False  # a message here whose copy failed lately
                     for msgid in live:
+                        if self._copy_failed.get(msgid, 0.0) > time.monotonic():
+                            waiting = True
+                            continue
                         if tried and (self._pending or time.monotonic() >= deadline):
                             return copied > 0
                         tried += 1
                         try:
                             self._materialize(oldest, msgid)
                         except (OSError, QueueError) as exc:
-                            failed.append((msgid, exc))
+                            waiting = True
+                            self._copy_failed[msgid] = time.monotonic() + COPY_RETRY
+                            log.event(format_id(msgid), "queue", "copy-failed", error=str(exc),
+                                      retry=f"{COPY_RETRY:.0f}s")
                         else:
                             copied += 1
-                    if failed:
-                        return False  # tried again at the next pass (a commit, or 5 s idle)
+                            self._copy_failed.pop(msgid, None)
+                    if waiting:
+                        return False  # this segment stays; a later pass tries again
                 os.unlink(oldest.path)
                 self._segments.pop(0)
                 released = True
+                for msgid in [m for m in self._copy_failed if m not in self._messages]:
+                    del self._copy_failed[msgid]  # removed meanwhile: nothing left to copy
             return False
         finally:
             if released:
                 fsync_dir(self.journal_dir)
-            if failed:  # one line a pass, however many failed
-                first, error = failed[0]
-                log.event(format_id(first), "queue", "copy-failed", error=str(error),
-                          messages=len(failed))
 
     def _materialize(self, seg: _Segment, msgid: int) -> None:
         """Copy a journal-resident message into queue/ (fsync'd) so its segment can go."""
@@ -620,7 +636,11 @@ class FsQueue(Queue):
         if os.path.lexists(final):  # an earlier copy renamed, then not synced: this one wins
             shutil.rmtree(final)
         os.rename(tmpdir, final)
-        fsync_dir(os.path.dirname(final))
+        try:
+            fsync_dir(os.path.dirname(final))
+        except OSError:  # the message stays in the journal: no copy may outlive it there
+            shutil.rmtree(final, ignore_errors=True)
+            raise
         with self._lock:
             msg.segment = None
             # state changes made while copying are replayed into the files below

@@ -216,10 +216,13 @@ async def test_a_commit_is_not_held_behind_copying_a_long_queue_into_queue_dir(
 
 
 async def test_a_message_whose_copy_fails_keeps_its_segment_and_is_copied_later(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capfd
 ):
+    """The others are copied; the failing one is logged and left alone for a while, however
+    many commits come meanwhile, then copied; nothing is lost across a restart."""
     import homemail.queue_fs as queue_fs
 
+    monkeypatch.setattr(queue_fs, "COPY_RETRY", 0.5)
     spool = str(tmp_path)
     q = FsQueue(spool, materialize_after=3600)
     q.load()
@@ -244,18 +247,93 @@ async def test_a_message_whose_copy_fails_keeps_its_segment_and_is_copied_later(
         others = (0, 1, 3, 4)
         await wait_for(lambda: all(in_queue_dir(i).exists() for i in others), "others not copied")
         first = min((tmp_path / "journal").glob("*.log"))
-        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        for _ in range(10):  # commits for about a second: a pass after each batch
+            await asyncio.gather(*(q.commit(b"more\r\n", envelopes()) for _ in range(10)))
+            await asyncio.sleep(0.1)
+        tries = capfd.readouterr().err.count(f"{bad} queue copy-failed")
+        assert 1 <= tries <= 1 + (time.monotonic() - started) / 0.5 + 1
         assert first.exists()  # its segment stays while one of its messages is not copied
         assert not in_queue_dir(2).exists()
         broken[0] = False
-        await q.commit(b"after\r\n", envelopes())  # a later pass copies it
+        await asyncio.sleep(0.6)
+        await q.commit(b"after\r\n", envelopes())  # the pass after it copies the message
         await wait_for(lambda: not first.exists(), "the segment was never released")
         assert in_queue_dir(2).read_bytes() == b"m2\r\n"
         q, loaded = await reopen(q, spool, materialize_after=3600)
-        assert len(loaded) == 7
+        assert len(loaded) == 6 + 100 + 1
         assert q.read_message(queued[2][0].msgid) == b"m2\r\n"
     finally:
         await q.close()
+
+
+async def test_a_stale_copy_in_queue_dir_is_replaced(tmp_path):
+    """A copy renamed into queue/ whose directory sync failed (the message stayed in the
+    journal) does not block the next copy of that message."""
+    spool = str(tmp_path)
+    q = FsQueue(spool, materialize_after=3600)
+    q.load()
+    try:
+        envs = envelopes()
+        await q.commit(b"fresh\r\n", envs)
+        name = format_id(envs[0].msgid)
+        stale = tmp_path / "queue" / name[:2] / name
+        stale.mkdir(parents=True)
+        (stale / "message").write_bytes(b"stale\r\n")
+        (stale / "junk.json").write_bytes(b"{}")
+        q.segment_max_age = q.materialize_after = 0.0
+        await q.commit(b"kick\r\n", envelopes())
+        await wait_for(lambda: not (stale / "junk.json").exists(), "the stale copy stayed")
+        await wait_for(lambda: (stale / f"{format_id(envs[0].evpid)}.json").exists(), "no copy")
+        assert (stale / "message").read_bytes() == b"fresh\r\n"
+        q, loaded = await reopen(q, spool, materialize_after=3600)
+        assert envs[0].evpid in {e.evpid for e in loaded}
+        assert q.read_message(envs[0].msgid) == b"fresh\r\n"
+    finally:
+        await q.close()
+
+
+async def test_records_appended_to_a_segment_are_synced_before_it_is_closed(
+    tmp_path, monkeypatch
+):
+    """A done record appended without a sync of its own is synced when its segment is
+    closed (here by the stop), not left to the page cache of a file nobody syncs again."""
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool, materialize_after=3600)
+    q.load()
+    try:
+        kept, done = envelopes(), envelopes()
+        await q.commit(b"kept\r\n", kept)
+        await q.commit(b"done\r\n", done)
+        first_fd = q._active_fd
+        events: list[str] = []
+        real_sync, real_close = os.fdatasync, os.close
+
+        def sync(fd: int) -> None:
+            if fd == first_fd:
+                events.append("sync")
+            real_sync(fd)
+
+        def close(fd: int) -> None:
+            if fd == first_fd:
+                events.append("close")
+            real_close(fd)
+
+        monkeypatch.setattr(queue_fs.os, "fdatasync", sync)
+        monkeypatch.setattr(queue_fs.os, "close", close)
+        await writer_idle(q)
+        await q.remove(done[0])  # appended by the loop: no sync of its own
+        events.append("appended")
+        q.segment_max_age = 0.0  # the stop's last pass seals the segment, then syncs the new one
+    finally:
+        await q.close()
+    after = events[events.index("appended") :]
+    assert after[: after.index("close") + 1] == ["appended", "sync", "close"]  # (fds are reused)
+    q, loaded = await reopen(q, spool)
+    assert [e.evpid for e in loaded] == [kept[0].evpid]
+    await q.close()
 
 
 async def test_envelope_json_escapes_hostile_text(tmp_path):
