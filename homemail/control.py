@@ -122,9 +122,13 @@ class Monitor:
 def bind_control_socket(path: str, *, private_dir: bool) -> socket.socket:
     """Bind the control socket (world-connectable: access is checked per verb)."""
     parent = os.path.dirname(path) or "."
+    above = os.path.dirname(parent)
+    if private_dir and os.path.basename(above).startswith("homemail-"):
+        # /tmp/homemail-UID (no XDG_RUNTIME_DIR): makedirs would make it 0755, then refuse it
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(above, 0o700)
     os.makedirs(parent, mode=0o700 if private_dir else 0o755, exist_ok=True)
     if private_dir:  # e.g. /tmp/homemail-UID/homemail: nobody else may own or enter it
-        above = os.path.dirname(parent)
         for directory in (
             (parent, above) if os.path.basename(above).startswith("homemail-") else (parent,)
         ):

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import smtplib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from .conftest import (
     DEFAULT_CONFIG,
     HOMEMAIL,
+    HOMEMAILCTL,
     LOCAL_RCPT,
     USER,
     Daemon,
@@ -238,6 +242,47 @@ def test_user_mode_flag(daemon: Daemon) -> None:
         finally:
             proc.terminate()
             proc.wait(20)
+
+
+def test_the_embedded_default_without_xdg_runtime_dir(tmp_path) -> None:
+    """The README's command where no XDG_RUNTIME_DIR is set (su, ssh without a login
+    manager, cron): the control socket goes under /tmp/homemail-UID, made 0700 by the daemon
+    itself; mail to the user lands in ~/Maildir, and homemailctl finds the daemon."""
+    runtime = Path(f"/tmp/homemail-{os.getuid()}")
+    aside = None
+    if runtime.exists():  # this user's own, from another run: out of the way meanwhile
+        aside = runtime.with_name(f"{runtime.name}.aside-{token()}")
+        runtime.rename(aside)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LOGNAME": USER}
+    log = (tmp_path / "log").open("wb")
+    proc = subprocess.Popen(
+        [*HOMEMAIL, "run", *(["--user-mode"] if os.geteuid() == 0 else [])],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        socket_path = runtime / "homemail" / "control.sock"
+        assert poll(lambda: socket_path.is_socket() or proc.poll() is not None, 20)
+        assert proc.poll() is None, (tmp_path / "log").read_text()
+        assert (runtime.stat().st_mode & 0o777, runtime.stat().st_uid) == (0o700, os.getuid())
+        assert poll(lambda: port_open(2525), 20), (tmp_path / "log").read_text()
+        tok = token()
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=20) as s:
+            s.sendmail("x@example.org", [LOCAL_RCPT], f"Subject: {tok}\r\n\nhello\r\n")
+        new = home / "Maildir" / "new"
+        assert poll(lambda: new.is_dir() and any(tok in p.read_text() for p in new.iterdir()), 20)
+        status = subprocess.run(
+            [*HOMEMAILCTL, "show", "status"], capture_output=True, text=True, timeout=30, env=env
+        )
+        assert status.returncode == 0 and "smtp: running" in status.stdout, status
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+        if aside is not None:
+            aside.rename(runtime)
 
 
 def test_start_logs_listening_and_ready(running: Daemon) -> None:
