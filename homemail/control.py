@@ -134,6 +134,14 @@ def bind_control_socket(path: str, *, private_dir: bool) -> socket.socket:
         ):
             st_dir = os.lstat(directory)
             if (
+                stat.S_ISDIR(st_dir.st_mode)
+                and st_dir.st_uid == os.geteuid()
+                and st_dir.st_mode & 0o077
+                and not st_dir.st_mode & 0o022
+            ):  # ours, and nobody else could write in it (as an earlier version made it): close
+                os.chmod(directory, 0o700)
+                st_dir = os.lstat(directory)
+            if (
                 not stat.S_ISDIR(st_dir.st_mode)
                 or st_dir.st_uid != os.geteuid()
                 or st_dir.st_mode & 0o077

@@ -333,6 +333,29 @@ def test_default_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert ctl.default_socket() != str(tmp_path / "system.sock")
 
 
+def test_the_private_socket_directories_are_made_or_closed_0700(tmp_path: Path) -> None:
+    """/tmp/homemail-UID/homemail (no XDG_RUNTIME_DIR): made 0700, both levels; one of ours
+    nobody else could write in is closed to 0700; one others could write in is refused."""
+    from homemail.control import bind_control_socket
+
+    fresh = tmp_path / "homemail-fresh" / "homemail" / "control.sock"
+    bind_control_socket(str(fresh), private_dir=True).close()
+    assert [oct(p.stat().st_mode & 0o777) for p in (fresh.parent, fresh.parent.parent)] == [
+        "0o700",
+        "0o700",
+    ]
+    older = tmp_path / "homemail-older" / "homemail" / "control.sock"
+    older.parent.mkdir(parents=True)
+    older.parent.parent.chmod(0o755)
+    bind_control_socket(str(older), private_dir=True).close()
+    assert oct(older.parent.parent.stat().st_mode & 0o777) == "0o700"
+    shared = tmp_path / "homemail-shared" / "homemail" / "control.sock"
+    shared.parent.mkdir(parents=True)
+    shared.parent.parent.chmod(0o775)
+    with pytest.raises(OSError, match="must be a directory of yours with mode 0700"):
+        bind_control_socket(str(shared), private_dir=True)
+
+
 def test_default_socket_matches_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     from homemail.smtpd import user_paths
 
