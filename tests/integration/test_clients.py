@@ -157,7 +157,7 @@ def test_swaks_attachment(swaks_bin: str, mta: Daemon, tmp_path: Path) -> None:
     blob = os.urandom(200_000) + b"\x00\r\n.\r\n\xff" * 10
     attachment = tmp_path / "payload.bin"
     attachment.write_bytes(blob)
-    swaks(
+    sent = swaks(
         swaks_bin,
         mta,
         "--to",
@@ -179,7 +179,11 @@ def test_swaks_attachment(swaks_bin: str, mta: Daemon, tmp_path: Path) -> None:
     parts = [p for p in msg.iter_attachments()]
     assert len(parts) == 1, [p.get_content_type() for p in msg.walk()]
     got = parts[0].get_content()
-    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(blob).hexdigest()
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(blob).hexdigest(), (
+        f"attachment of {len(got)} bytes, stored message of {len(stored)}; its start and end:\n"
+        f"{stored[:1500]!r}\n…\n{stored[-600:]!r}\nswaks: {sent.stdout[-1500:]}\n"
+        f"{mta.log()[-3000:]}"
+    )  # seen once with an empty attachment and not reproduced: say what was stored
     assert parts[0].get_filename() == "payload.bin"
 
 
