@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +29,12 @@ SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[Heal
 WORKDIR = Path(tempfile.mkdtemp(prefix="homemail-config-props-"))
 FILENAME = str(WORKDIR / "smtpd.conf")
 NOWHERE = Location(FILENAME, 0, 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_workdir() -> Iterator[None]:
+    yield
+    shutil.rmtree(WORKDIR, ignore_errors=True)
 
 
 def parse_or_config_error(text: str) -> Config | None:
