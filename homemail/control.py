@@ -123,15 +123,13 @@ def bind_control_socket(path: str, *, private_dir: bool) -> socket.socket:
     """Bind the control socket (world-connectable: access is checked per verb)."""
     parent = os.path.dirname(path) or "."
     above = os.path.dirname(parent)
-    if private_dir and os.path.basename(above).startswith("homemail-"):
-        # /tmp/homemail-UID (no XDG_RUNTIME_DIR): makedirs would make it 0755, then refuse it
+    in_tmp = private_dir and os.path.basename(above).startswith("homemail-")
+    if in_tmp:  # /tmp/homemail-UID (no XDG_RUNTIME_DIR): makedirs would make it 0755
         with contextlib.suppress(FileExistsError):
             os.mkdir(above, 0o700)
     os.makedirs(parent, mode=0o700 if private_dir else 0o755, exist_ok=True)
     if private_dir:  # e.g. /tmp/homemail-UID/homemail: nobody else may own or enter it
-        for directory in (
-            (parent, above) if os.path.basename(above).startswith("homemail-") else (parent,)
-        ):
+        for directory in (parent, above) if in_tmp else (parent,):
             st_dir = os.lstat(directory)
             if (
                 stat.S_ISDIR(st_dir.st_mode)

@@ -247,10 +247,11 @@ def _parse_header(line: bytes) -> dict[str, Any]:
     if not isinstance(stamp, int | float) or isinstance(stamp, bool):
         raise OfflineError("header time must be a number")
     try:
-        if not math.isfinite(float(stamp)):
-            raise OverflowError
-    except OverflowError:  # 10**400, 1e999, NaN: not a time
-        raise OfflineError("header time must be a finite number") from None
+        finite = math.isfinite(stamp)
+    except OverflowError:  # an integer too large for a float (10**400)
+        finite = False
+    if not finite:  # 1e999, NaN: not a time either
+        raise OfflineError("header time must be a finite number")
     return obj
 
 
