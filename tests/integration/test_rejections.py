@@ -336,6 +336,14 @@ def test_ehlo_advertises_the_extensions(session: smtplib.SMTP) -> None:
     assert "auth" not in features  # AUTH only after TLS
 
 
+def test_auth_is_neither_listed_nor_accepted(session: smtplib.SMTP) -> None:
+    code, text = session.docmd("HELP")
+    assert code == 250 and b"MAIL" in text and b"AUTH" not in text.split(), text
+    code, text = session.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA==")
+    assert (code, text[:6]) == (502, b"5.5.1 "), (code, text)
+    assert session.docmd("NOOP")[0] == 250  # the session goes on
+
+
 def test_every_reply_carries_an_enhanced_status_code(mta: Daemon) -> None:
     commands = [
         b"NOOP",
