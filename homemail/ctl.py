@@ -35,6 +35,7 @@ import pwd
 import re
 import secrets
 import socket
+import stat
 import sys
 import threading
 import time
@@ -117,6 +118,14 @@ class UsageError(Exit):
         super().__init__(EX_USAGE, message)
 
 
+class UntrustedSocket(Exit):
+    """The socket is in a directory another user could have made or changed."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(EX_NOPERM, f"refusing the socket {clean(path)}: {reason}")
+        self.path = path
+
+
 class CtlError(Exception):
     """The daemon answered a request with an error reply."""
 
@@ -158,15 +167,17 @@ def status_for(code: int) -> int:
 
 
 def default_socket() -> str:
-    """$HOMEMAIL_SOCKET, the system daemon's socket for root, else the user-mode daemon's."""
+    """$HOMEMAIL_SOCKET; else the user-mode daemon's socket, unless it has none and a system
+    daemon runs (root always prefers the system daemon's)."""
     env = os.environ.get("HOMEMAIL_SOCKET")
     if env:
         return env
-    if os.geteuid() == 0 and os.path.exists(SYSTEM_SOCKET):
-        return SYSTEM_SOCKET
     # the same place as homemail.smtpd.user_paths(), which this module must not import
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/homemail-{os.getuid()}"
-    return os.path.join(runtime, "homemail", "control.sock")
+    mine = os.path.join(runtime, "homemail", "control.sock")
+    if os.path.exists(SYSTEM_SOCKET) and (os.geteuid() == 0 or not os.path.lexists(mine)):
+        return SYSTEM_SOCKET
+    return mine
 
 
 def default_offline_dir() -> str:
@@ -180,6 +191,38 @@ def default_offline_dir() -> str:
         os.path.expanduser("~"), ".local", "state"
     )
     return os.path.join(state, "homemail", "spool", "offline")
+
+
+def untrusted_directory(path: str) -> str | None:
+    """Why another user could have made or changed the directory ``path``, or None.
+
+    Every directory from ``/`` down to it, both as written and with its symbolic links
+    resolved, must belong to root or to us, and only a sticky one (``/tmp``) may be writable by
+    anyone: a link or a directory another user made on the way (``/tmp/homemail-UID`` made
+    before us, with ``homemail`` a link to ``/tmp``) would let them put their socket there.
+    """
+    uid = os.geteuid()
+    chain: dict[str, None] = {}
+    for start in (os.path.abspath(path), os.path.realpath(path)):
+        current = start
+        while True:
+            chain[current] = None
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+    for directory in chain:
+        try:
+            st = os.lstat(directory)
+        except OSError:
+            continue  # missing or unreachable: connecting will say so
+        if st.st_uid not in (0, uid):
+            return f"{clean(directory)} belongs to uid {st.st_uid}, not to root or you"
+        if stat.S_ISLNK(st.st_mode):
+            continue  # where it points is in the chain too
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            return f"anyone may write in {clean(directory)}"
+    return None
 
 
 # -- the client -------------------------------------------------------------------------------
@@ -211,15 +254,10 @@ class ControlClient:
 
     def _check_socket_dir(self) -> None:
         """Only a socket in a directory of root's or ours: one planted by another user (the
-        predictable /tmp fallback) must not receive our mail."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            owner = os.stat(directory).st_uid
-        except OSError:
-            return  # connect() reports the missing socket
-        if owner not in (0, os.geteuid()):
-            raise Exit(EX_NOPERM, f"refusing the socket {clean(self.path)}: its directory "
-                       f"belongs to uid {owner}, not to root or you")
+        predictable /tmp fallback) must not receive our mail.  Raises UntrustedSocket."""
+        reason = untrusted_directory(os.path.dirname(os.path.abspath(self.path)))
+        if reason is not None:
+            raise UntrustedSocket(self.path, reason)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -1338,8 +1376,19 @@ def sendmail(argv: Sequence[str], sock_path: str) -> int:
     parsed = split_message(raw)
     if args.extract:
         rcpts += header_recipients(parsed)
-    rcpts = list(dict.fromkeys(normalize_recipient(r, domain) for r in rcpts))
+    valid: list[str] = []
+    malformed: list[str] = []
+    for rcpt in rcpts:  # one malformed address must not keep the message from the others
+        try:
+            valid.append(normalize_recipient(rcpt, domain))
+        except Exit as exc:
+            malformed.append(exc.message)
+    rcpts = list(dict.fromkeys(valid))
+    for problem in malformed:
+        print(f"sendmail: {problem}", file=sys.stderr)
     if not rcpts:
+        if malformed:
+            raise Exit(EX_DATAERR, "no valid recipient: nothing sent")
         raise UsageError("no recipients")
     fullname = args.fullname if args.fullname is not None else _gecos_name()
     message = build_message(
@@ -1352,9 +1401,12 @@ def sendmail(argv: Sequence[str], sock_path: str) -> int:
     )
     try:
         result = submit(sock_path, sender, rcpts, message, args, domain)
+    except UntrustedSocket as exc:  # planted by another user: never theirs, nor lost
+        print(f"sendmail: {exc.message}; the message waits in the offline spool", file=sys.stderr)
+        result = Submission(temp=rcpts)
     except (DaemonDown, OSError):  # not running, or not reachable: the daemon picks it up later
         result = Submission(temp=rcpts)
-    status = EX_OK
+    status = EX_DATAERR if malformed else EX_OK
     for rcpt, reply in result.rejected:
         print(f"sendmail: {clean(rcpt)}: {reply}", file=sys.stderr)
         status = EX_NOUSER

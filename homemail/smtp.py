@@ -607,6 +607,7 @@ class Session(SMTP):
                 now=now,
                 single_rcpt=txn.recipients[0].rcpt if len(txn.recipients) == 1 else None,
                 add_ids=self.source.kind in ("local", "socket"),
+                long_lines=self.source.kind == "socket",
             )
         except MessageRefused as exc:
             log.event(self.sid, "smtp", "message-refused", reason=exc.reason)
@@ -646,13 +647,16 @@ def build_message(
     now: float,
     single_rcpt: str | None,
     add_ids: bool,
+    long_lines: bool = False,
 ) -> bytes:
     """Check a received message and add our headers; raises MessageRefused.
 
-    Refuses lines over 1000 octets and 100 or more ``Received:`` headers; drops ``Bcc:``; adds
-    ``Message-ID:`` and ``Date:`` when missing on local submissions; prepends ``Received:``.
+    Refuses lines over 1000 octets (unless ``long_lines``: local enqueue, where ``sendmail``
+    takes what scripts write, as Postfix's does) and 100 or more ``Received:`` headers; drops
+    ``Bcc:``; adds ``Message-ID:`` and ``Date:`` when missing on local submissions; prepends
+    ``Received:``.
     """
-    if len(content) > MAX_LINE and _has_long_line(content):
+    if not long_lines and len(content) > MAX_LINE and _has_long_line(content):
         raise MessageRefused(
             "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6 allows 1000 octets)", "line too long"
         )

@@ -502,6 +502,7 @@ class Daemon:
                 now=now,
                 add_ids=True,
                 single_rcpt=txn.recipients[0].rcpt if len(txn.recipients) == 1 else None,
+                long_lines=True,  # sendmail's, written while the daemon was down
             )
         except MessageRefused as exc:
             rejected = [(r, exc.reply) for r in item.rcpts]

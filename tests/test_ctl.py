@@ -330,7 +330,41 @@ def test_default_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.setattr("homemail.ctl.os.geteuid", lambda: 0)
     assert ctl.default_socket() == str(tmp_path / "system.sock")
     monkeypatch.setattr("homemail.ctl.os.geteuid", lambda: 1000)
-    assert ctl.default_socket() != str(tmp_path / "system.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    mine = tmp_path / "run" / "homemail" / "control.sock"
+    assert ctl.default_socket() == str(tmp_path / "system.sock")  # no daemon of our own
+    mine.parent.mkdir(parents=True)
+    mine.touch()
+    assert ctl.default_socket() == str(mine)
+    (tmp_path / "system.sock").unlink()
+    mine.unlink()
+    assert ctl.default_socket() == str(mine)  # neither: "not running" names our own
+
+
+def test_socket_directories_another_user_could_have_made_are_not_trusted(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    assert ctl.untrusted_directory(str(mine)) is None
+    assert ctl.untrusted_directory(str(mine / "not" / "there")) is None
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    assert ctl.untrusted_directory(str(sticky)) is None
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert "anyone may write in" in (ctl.untrusted_directory(str(shared / "x")) or "")
+    link = mine / "link"
+    link.symlink_to(shared)  # our link, to a place anyone can fill
+    assert "anyone may write in" in (ctl.untrusted_directory(str(link)) or "")
+    if os.geteuid() == 0:  # another user's directory, and another user's link
+        theirs = sticky / "homemail-1006"
+        theirs.mkdir()
+        (theirs / "homemail").symlink_to(sticky)  # S1: a link to /tmp, which root owns
+        os.lchown(theirs / "homemail", 65534, 65534)
+        os.chown(theirs, 65534, 65534)
+        reason = ctl.untrusted_directory(str(theirs / "homemail"))
+        assert reason is not None and "belongs to uid 65534" in reason
 
 
 def test_the_private_socket_directories_are_made_or_closed_0700(tmp_path: Path) -> None:
@@ -979,6 +1013,21 @@ def test_sendmail_bad_header_recipient_is_65(tmp_path: Path) -> None:
     done = run_cli(tmp_path, "-t", prog=linked(tmp_path, "sendmail"), stdin=b"To: a b c@x\n\nx\n")
     assert done.returncode == ctl.EX_DATAERR
     assert spooled(tmp_path) == []
+
+
+def test_sendmail_sends_to_the_good_recipients_despite_a_malformed_one(tmp_path: Path) -> None:
+    done = run_cli(
+        tmp_path,
+        "-t",
+        "carol@example.org",
+        "not an address@@",
+        prog=linked(tmp_path, "sendmail"),
+        stdin=b"To: bob@example.org, bad address@@x\nSubject: s\n\nx\n",
+    )
+    assert done.returncode == ctl.EX_DATAERR  # told, as for a refused recipient
+    assert done.stderr.count(b"invalid recipient") == 2, done.stderr
+    [item] = spooled(tmp_path)
+    assert item.rcpts == ["carol@example.org", "bob@example.org"]
 
 
 @pytest.mark.parametrize("args", [[], ["-t"], ["-oi"]])

@@ -536,14 +536,25 @@ def test_a_thousand_connections_from_one_user(setup: Setup) -> None:
         assert mine.returncode == 75 and "too many connections" in mine.stderr, mine
 
 
-def test_a_socket_in_another_users_directory_is_not_trusted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["their directory", "their link to /tmp"])
+def test_a_socket_in_another_users_directory_is_not_trusted(tmp_path: Path, how: str) -> None:
     """A local user who plants a control socket where root's sendmail would look (the /tmp
-    fallback) must not receive root's mail: the client refuses a directory it cannot trust."""
-    planted = tmp_path / "planted"
-    planted.mkdir()
-    os.chown(planted, 65534, 65534)
+    fallback) must not receive root's mail: the client refuses a directory it cannot trust,
+    even behind a link to a directory root owns, and sendmail keeps the message offline."""
+    theirs = tmp_path / "homemail-0"
+    theirs.mkdir()
+    if how == "their directory":
+        listen_dir = client_dir = theirs
+    else:
+        listen_dir = tmp_path / "tmp"  # stands for /tmp: root's, sticky, anyone may write
+        listen_dir.mkdir()
+        listen_dir.chmod(0o1777)
+        client_dir = theirs / "homemail"
+        client_dir.symlink_to(listen_dir)
+        os.lchown(client_dir, 65534, 65534)
+    os.chown(theirs, 65534, 65534)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(planted / "control.sock"))
+    server.bind(str(listen_dir / "control.sock"))
     server.listen(1)
     try:
         result = subprocess.run(
@@ -552,7 +563,7 @@ def test_a_socket_in_another_users_directory_is_not_trusted(tmp_path: Path) -> N
                 "-m",
                 "homemail.ctl",
                 "--socket",
-                str(planted / "control.sock"),
+                str(client_dir / "control.sock"),
                 "sendmail",
                 "root@localhost",
             ],
@@ -568,3 +579,6 @@ def test_a_socket_in_another_users_directory_is_not_trusted(tmp_path: Path) -> N
     finally:
         server.close()
     assert "refusing the socket" in result.stderr
+    assert result.returncode == 0, result.stderr  # not lost: it waits for the real daemon
+    [spooled] = list((tmp_path / "offline").iterdir())
+    assert b"for root only" in spooled.read_bytes()

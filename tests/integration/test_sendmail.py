@@ -190,6 +190,29 @@ def test_cron_pipeline_sendmail_t_oi(sm: Daemon, bindir: Path) -> None:
     assert header_values(hidden, "bcc") == []
 
 
+def test_sendmail_takes_lines_longer_than_smtp_allows(sm: Daemon, bindir: Path) -> None:
+    """Scripts write long lines (HTML, CSV, a long Subject); local enqueue keeps them whole, up
+    and down, while an SMTP client's are still refused (test_rejections)."""
+    body = "".join(f"{i:05d}," for i in range(500))  # 3,000 octets on one line
+    subject_words = " ".join(["word"] * 300)  # a 1,500-octet header line
+    env = cron_env(sm, bindir)
+    toks = [token(), token()]
+    message = f"Subject: long {toks[0]} {subject_words}\n\n{body}\n"
+    result = run([str(bindir / "sendmail"), "-oi", "alice@localhost"], env, message)
+    assert result.returncode == 0 and result.stderr == b"", result
+    sm.stop()
+    offline = sm.spool / "offline"
+    env = cron_env(sm, bindir, HOMEMAIL_OFFLINE=str(offline))
+    message = f"Subject: long {toks[1]} {subject_words}\n\n{body}\n"
+    result = run([str(bindir / "sendmail"), "-oi", "alice@localhost"], env, message)
+    assert result.returncode == 0 and result.stderr == b"", result
+    sm.start(write=False)
+    for tok in toks:
+        stored = sm.wait_for_message(tok)
+        assert f"\n\n{body}\n".encode() in stored
+        assert f"Subject: long {tok} {subject_words}\n".encode() in stored
+
+
 def test_homemailctl_sendmail_with_f_and_F(sm: Daemon) -> None:
     tok = token()
     env = cron_env(sm, Path("/nonexistent"))
