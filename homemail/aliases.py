@@ -133,18 +133,48 @@ def _expand(
         if "@" in item:
             name, _, domain = item.rpartition("@")
             if not is_local_domain(domain.lower()):
-                continue  # remote targets arrive with relaying
+                raise _undeliverable(key, item, "remote addresses need relaying, not done yet")
             target = name
         try:
             check_local_part(target)
         except AddressError:
-            continue  # files, commands and includes arrive with the full aliases(5) syntax
+            raise _undeliverable(
+                key, item, "files, commands and includes are not supported yet"
+            ) from None
+        if target.startswith(("/", "|")):  # atext, but aliases(5) means a file or a command
+            raise _undeliverable(key, item, "files and commands are not supported yet")
         if target.lower() in seen:
             user = users.lookup(split_subaddress(target, delim)[0])
-            if user is not None:
-                found.setdefault(user.name, user)
+            if user is None:
+                raise _unknown(key, item)
+            found.setdefault(user.name, user)
             continue
+        before = len(found)
         _expand(target, table, users, delim, is_local_domain, found, depth=depth + 1, seen=seen)
+        if len(found) == before and not _names_someone(target, table, users, delim):
+            raise _unknown(key, item)
+
+
+def _undeliverable(alias: str, target: str, why: str) -> ExpansionError:
+    """A target the alias cannot deliver to: the recipient is refused, never partly dropped."""
+    return ExpansionError(550, "5.2.4", f"Alias {alias!r} cannot deliver to {target!r}: {why}")
+
+
+def _unknown(alias: str, target: str) -> ExpansionError:
+    return ExpansionError(
+        550, "5.1.1", f"Invalid recipient: alias {alias!r} names {target!r}, no such user or alias"
+    )
+
+
+def _names_someone(target: str, table: Table | None, users: UserDb, delim: str) -> bool:
+    """Whether ``target`` is a user or an alias (one whose users were found already)."""
+    if users.lookup(split_subaddress(target, delim)[0]) is not None:
+        return True
+    if table is None:
+        return False
+    key = target.lower()
+    base = split_subaddress(key, delim)[0]
+    return table.lookup(key) is not None or table.lookup(base) is not None
 
 
 # -- editing an aliases file in place (homemailctl alias …, the tray app) ---------------------

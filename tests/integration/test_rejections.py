@@ -23,7 +23,9 @@ from .conftest import (
 )
 
 CONFIG = """\
-table aliases { postmaster = "@USER@", alice = "@USER@", ghost = "no-such-user-qq" }
+table aliases { postmaster = "@USER@", alice = "@USER@", ghost = "no-such-user-qq",
+    typo = "@USER@, no-such-user-qq", friend = "@USER@, friend@example.com",
+    archive = "@USER@, /tmp/archive.mbox", pipe = "@USER@, |/bin/cat" }
 listen on 127.0.0.1 port @PORT@
 action "local" maildir "@MAILDIR@" alias <aliases>
 match from local for local action "local"
@@ -147,6 +149,25 @@ def test_alias_to_a_missing_user_is_refused_at_rcpt(session: smtplib.SMTP) -> No
     """Refuse at RCPT time rather than accept and bounce later."""
     mail_ok(session)
     expect(session.docmd("RCPT", "TO:<ghost@localhost>"), 550, "5.1.1")
+
+
+@pytest.mark.parametrize(
+    ("alias", "status", "why"),
+    [
+        ("typo", "5.1.1", "no such user or alias"),
+        ("friend", "5.2.4", "relaying"),
+        ("archive", "5.2.4", "not supported yet"),
+        ("pipe", "5.2.4", "not supported yet"),
+    ],
+)
+def test_an_alias_is_refused_when_part_of_it_cannot_be_delivered(
+    session: smtplib.SMTP, alias: str, status: str, why: str
+) -> None:
+    """Never deliver to part of an alias and silently drop the rest."""
+    mail_ok(session)
+    code, text = session.docmd("RCPT", f"TO:<{alias}@localhost>")
+    assert code == 550 and text.startswith(status.encode() + b" "), (code, text)
+    assert why.encode() in text, text
 
 
 def test_other_system_user_is_refused_in_user_mode(session: smtplib.SMTP) -> None:
