@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -139,6 +140,10 @@ def _record(kind: bytes, meta: dict[str, Any], data: bytes = b"") -> bytes:
     return HEADER.pack(MAGIC, kind[0], len(js), len(data), crc) + js + data
 
 
+class SpoolInUse(OSError):
+    """Another daemon holds the spool."""
+
+
 class FsQueue(Queue):
     def __init__(
         self,
@@ -162,6 +167,7 @@ class FsQueue(Queue):
         self._files: dict[int, Envelope] = {}
         self._segments: list[_Segment] = []  # oldest first; the last one is active
         self._active_fd = -1
+        self._spool_lock = -1  # journal/, flocked while this queue owns the spool
         self._active_opened = 0.0
         self._cache: dict[int, bytes] = {}
         self._cache_bytes = 0
@@ -188,6 +194,20 @@ class FsQueue(Queue):
             envelopes.extend(batch)
         return envelopes
 
+    def _lock_spool(self) -> None:
+        """Own the spool: a second daemon on it would replay, deliver and remove the first
+        one's journal under its feet.  The lock (on journal/) goes with the process."""
+        fd = os.open(self.journal_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolInUse(f"the spool {self.spool} is in use by another homemail") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._spool_lock = fd
+
     def start(self) -> list[Envelope]:
         """Replay the journal and read the index; queue/ itself is walked by :meth:`scan`.
 
@@ -196,6 +216,7 @@ class FsQueue(Queue):
         """
         for d in (self.spool, self.journal_dir, self.queue_dir, self.incoming_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        self._lock_spool()
         for entry in os.listdir(self.incoming_dir):  # moves cut short by a crash
             shutil.rmtree(os.path.join(self.incoming_dir, entry), ignore_errors=True)
 
@@ -831,6 +852,9 @@ class FsQueue(Queue):
         if self._active_fd >= 0:
             os.close(self._active_fd)
             self._active_fd = -1
+        if self._spool_lock >= 0:
+            os.close(self._spool_lock)
+            self._spool_lock = -1
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:

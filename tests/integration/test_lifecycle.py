@@ -317,6 +317,36 @@ def test_port_in_use_is_a_clear_error(daemon: Daemon, tmp_path) -> None:
     assert str(daemon.port) in result.stderr or "in use" in result.stderr.lower(), result.stderr
 
 
+def test_a_second_daemon_on_the_same_spool_is_refused(running: Daemon, tmp_path) -> None:
+    """Two daemons on one spool would replay, deliver and delete each other's journal: the
+    second start is refused and the first one keeps every message it acknowledged."""
+    second = Daemon(tmp_path / "second")
+    second.spool = running.spool
+    second.write_config()
+    proc = subprocess.Popen(
+        second.command(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=second.env,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert poll(lambda: proc.poll() is not None or port_open(second.port), 20)
+        started = port_open(second.port)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+        second.cleanup()
+    assert not started, "a second daemon started on a spool in use"
+    assert proc.returncode != 0 and "in use by another homemail" in stderr, stderr
+    tok = token()
+    send(running, "x@example.org", [LOCAL_RCPT], f"Subject: {tok}\r\n\r\nkept\r\n".encode())
+    running.restart(kill=True)  # what it acknowledged is in its journal, still there
+    running.wait_for_message(tok)
+
+
 def test_run_with_a_bad_config_exits_78(daemon: Daemon) -> None:
     daemon.config_path.parent.mkdir(parents=True, exist_ok=True)
     daemon.config_path.write_text("listen on 127.0.0.1 port 2525\nlisten in localhost\n")
