@@ -660,8 +660,7 @@ def build_message(
         raise MessageRefused(
             "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6 allows 1000 octets)", "line too long"
         )
-    head_end = _header_end(content)
-    headers, body = content[:head_end], content[head_end:]
+    headers, body = split_header(content)
     if _count_header(headers, b"received") >= MAX_RECEIVED:
         raise MessageRefused("554 5.4.6 Too many hops, routing loop detected", "routing loop")
     headers = _drop_header(headers, b"bcc")
@@ -802,22 +801,40 @@ def _has_long_line(content: bytes) -> bool:
     return False
 
 
-def _header_end(content: bytes) -> int:
-    """Offset just past the empty line that ends the header section (len(content) if none)."""
-    if content.startswith(b"\r\n"):
-        return 0
-    end = content.find(b"\r\n\r\n")
-    return len(content) if end < 0 else end + 2
+_LINE = re.compile(rb"[^\n]*\n|[^\n]+")  # a line and its end (LF, or CR LF)
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header field's name and colon (RFC 5322 3.6.8)
+
+
+def split_header(content: bytes) -> tuple[bytes, bytes]:
+    """The header section and the rest, which starts with the empty line between them.
+
+    The header section is the run of fields (and their continuation lines) at the start; it
+    ends at an empty line or at the first line that is not a field, which is then the first
+    line of the body (a message with no header section at all has such a first line).  An
+    empty line is added in that case, so that the fields we add never end up in the body.
+    A bare LF ends a line here as it will in the mailbox, so that no ``Bcc:`` hides behind
+    one.
+    """
+    pos = 0
+    for line in _LINE.findall(content):
+        text = line.rstrip(b"\r\n")
+        if not text:
+            return content[:pos], content[pos:]
+        if not (text[:1] in (b" ", b"\t") and pos) and not _FIELD.match(text):
+            break
+        pos += len(line)
+    headers, body = content[:pos], content[pos:]
+    if headers and not headers.endswith(b"\n"):
+        headers += b"\r\n"
+    return headers, (b"\r\n" + body) if body else body
 
 
 def _header_lines(headers: bytes) -> list[bytes]:
-    """Split a header section (CRLF lines) into fields, each with its continuation lines."""
+    """Split a header section into fields, each with its continuation lines and line ends."""
     fields: list[bytes] = []
-    for line in (
-        headers.split(b"\r\n")[:-1] if headers.endswith(b"\r\n") else headers.split(b"\r\n")
-    ):
+    for line in _LINE.findall(headers):
         if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\r\n" + line
+            fields[-1] += line
         else:
             fields.append(line)
     return fields
@@ -839,8 +856,7 @@ def _has_header(headers: bytes, name: bytes) -> bool:
 def _drop_header(headers: bytes, name: bytes) -> bytes:
     if name not in headers.lower():
         return headers
-    kept = [f for f in _header_lines(headers) if _name_of(f) != name]
-    return b"".join(f + b"\r\n" for f in kept)
+    return b"".join(f for f in _header_lines(headers) if _name_of(f) != name)
 
 
 ListenerKey = tuple[str, int, str, str, bool]

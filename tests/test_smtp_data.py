@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from homemail.smtp import MAX_LINE, Session, _has_long_line, _TooLarge
+from homemail.smtp import MAX_LINE, Session, _has_long_line, _TooLarge, split_header
 
 
 async def read(stream: bytes, limit: int = 1 << 20, chunks: int = 7) -> tuple[object, bytes]:
@@ -96,3 +96,30 @@ def test_the_long_line_check_at_the_limit(length: int, where: str):
         "unterminated": short * 30 + line,
     }[where]
     assert _has_long_line(content) == (length > 998)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"Subject: x", b"X-A :b", b"\tmore", b" ", b"no field", b"", b"a b: c"]),
+        max_size=8,
+    ),
+    st.sampled_from([b"\r\n", b"\n"]),
+)
+def test_the_header_section_ends_at_the_first_line_that_is_not_a_field(
+    lines: list[bytes], eol: bytes
+):
+    content = b"".join(line + eol for line in lines)
+    headers, body = split_header(content)
+    fields = 0
+    for line in lines:
+        if line in (b"Subject: x", b"X-A :b") or (fields and line in (b"\tmore", b" ")):
+            fields += 1
+        else:
+            break
+    assert headers == b"".join(line + eol for line in lines[:fields])
+    rest = content[len(headers) :]
+    if fields < len(lines) and lines[fields] != b"":  # no empty line: one is put in
+        assert body == b"\r\n" + rest
+    else:
+        assert body == rest

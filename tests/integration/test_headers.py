@@ -134,6 +134,29 @@ def test_message_without_header_section(mta: Daemon) -> None:
     assert stored.endswith(f"\n\njust a body {tok}\n".encode())
 
 
+def test_fields_are_added_above_a_body_that_has_no_header_section(mta: Daemon) -> None:
+    """No empty line and no field at the start: all of it is body, and the fields we add go
+    above it with the empty line between, not into it."""
+    tok = token()
+    sent = f"hello {tok}, no headers here\r\nsecond line: with a colon\r\n".encode()
+    send(mta, "a@example.org", [LOCAL_RCPT], sent)
+    stored = mta.wait_for_message(tok)
+    names = [n for n, _ in header_fields(stored)]
+    assert "message-id" in names and "date" in names, stored
+    assert body_of(stored) == f"hello {tok}, no headers here\nsecond line: with a colon\n".encode()
+
+
+def test_a_bcc_between_bare_line_feeds_is_removed(mta: Daemon) -> None:
+    tok = token()
+    sent = f"Subject: {tok}\nBcc: secret-{tok}@example.org\n\nbody line\r\n".encode()
+    send(mta, "a@example.org", [LOCAL_RCPT], sent)
+    stored = mta.wait_for_message(tok)
+    assert f"secret-{tok}".encode() not in stored, stored
+    assert header_values(stored, "subject") == [tok.encode()]
+    assert "message-id" in [n for n, _ in header_fields(stored)]
+    assert body_of(stored) == b"body line\n"
+
+
 @pytest.mark.parametrize(
     "helo", [b"evil\rX-Injected: yes", b"evil\x0bX-Injected:\x00yes", b"evil\x1b[31m(red)"]
 )
