@@ -31,7 +31,7 @@ aliases file, which the worker may not write), ``secret`` {id, label, username, 
 (stored by the parent in the root-only secrets file) and ``reload-request``.
 Parent → worker: ``result`` {id, ok, permanent, status, text}, ``offline`` {name, refused} with
 the checked file as one fd (its header line, then the message or, when ``refused``, its start),
-``reload`` {add, remove} with the new listeners' sockets as fds (or {error}), and ``stop``.
+``reload`` {add, remove, moved} with the new listeners' sockets as fds (or {error}), and ``stop``.
 The parent validates every request it gets: a compromised worker can only ask for deliveries
 the configuration allows — an action that exists, a user that exists and is not root, and a
 recipient that the rules and aliases really send to that user with that action.
@@ -293,16 +293,22 @@ class Parent:
             return
         add: list[list[Any]] = []
         remove: list[list[Any]] = []
+        moved: list[list[Any]] = []
         fds: list[int] = []
         if self.reload_listeners is not None:
             try:
-                add, remove, fds = self.reload_listeners(self.cfg, cfg)
-            except OSError as exc:
-                log.error(f"reload: {exc}")
+                add, remove, moved, fds = self.reload_listeners(self.cfg, cfg)
+            except OSError as exc:  # nothing was bound or closed: all stays as it runs
+                log.error(f"reload failed, keeping the running configuration: {exc}")
+                sd_notify("READY=1\nSTATUS=reload failed; running the previous configuration")
+                with contextlib.suppress(OSError, ChannelError):
+                    send_record(self.channel, {"type": "reload", "error": str(exc)[:4000]})
+                return
         self.cfg = cfg
         self.ruleset = Ruleset(cfg, self.users, self.hostname)
+        record = {"type": "reload", "add": add, "remove": remove, "moved": moved}
         try:
-            send_record(self.channel, {"type": "reload", "add": add, "remove": remove}, fds)
+            send_record(self.channel, record, fds)
         finally:
             for fd in fds:
                 os.close(fd)

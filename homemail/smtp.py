@@ -928,6 +928,11 @@ class SmtpServer:
                 )
             )
 
+    def rekey(self, was: ListenerKey, now: ListenerKey) -> None:
+        """The same sockets under a listener's new key (its settings apply after a restart)."""
+        if was in self.servers:
+            self.servers[now] = self.servers.pop(was)
+
     def close_key(self, key: ListenerKey) -> None:
         # close() closes the listening sockets at once (asyncio and uvloop alike), so the
         # address can be bound again; sessions already open on them carry on.  wait_closed() is

@@ -776,13 +776,21 @@ class Daemon:
             return str(exc)
         old = listener_keys(self.cfg, self.user_mode)
         new = listener_keys(cfg, self.user_mode)
-        for key in old.keys() - new.keys():
+        gone = old.keys() - new.keys()
+        for key in gone:  # first, so that a listener whose settings changed can bind again
             self.server.close_key(key)
         try:
             bound = bind_listeners(cfg, self.user_mode, keep=set(old) & set(new))
-        except OSError as exc:
-            log.error(f"reload: {exc}")
-            bound = {}
+        except OSError as exc:  # listen again where we did, and keep the running configuration
+            try:
+                back = bind_listeners(self.cfg, self.user_mode, keep=old.keys() - gone)
+            except OSError as again:
+                log.error(f"reload: cannot listen where the running configuration did: {again}")
+                back = {}
+            for key, (listener, socks) in back.items():
+                await self.server.serve(key, listener, socks)
+            log.error(f"reload failed, keeping the running configuration: {exc}")
+            return str(exc)
         for key, (listener, socks) in bound.items():
             await self.server.serve(key, listener, socks)
         self._use_config(cfg, rebound=sorted(str(k[:2]) for k in bound))
@@ -798,6 +806,8 @@ class Daemon:
             return
         for key in record.get("remove", []) or []:
             self.server.close_key(tuple(key))
+        for was, now in record.get("moved", []) or []:
+            self.server.rekey(tuple(was), tuple(now))
         try:
             cfg = await asyncio.to_thread(load_config, self.config_path, system=True)
         except ConfigError as exc:
@@ -1107,19 +1117,35 @@ def run_system(args: argparse.Namespace) -> int:
     return EX_OK if status == 0 else EX_SOFTWARE
 
 
-def _rebind(old: Config, new: Config) -> tuple[list[list[Any]], list[list[Any]], list[int]]:
-    """Parent, on reload: bind the listeners that are new; name those that went away."""
+def _rebind(
+    old: Config, new: Config
+) -> tuple[list[list[Any]], list[list[Any]], list[list[Any]], list[int]]:
+    """Parent, on reload: bind the listeners that are new; name those that went away.
+
+    Raises OSError, having bound nothing, when a new listener cannot bind.  A listener whose
+    address and port stay while its settings change (hostname, tag, mask-src) cannot be bound
+    a second time while the worker holds it: it keeps its socket, and its previous settings
+    until a restart, under its new key (``moved``: [old key, new key] pairs).
+    """
     before = listener_keys(old, user_mode=False)
     after = listener_keys(new, user_mode=False)
-    bound = bind_listeners(new, user_mode=False, keep=set(before) & set(after))
+    gone = before.keys() - after.keys()
+    held = {k for k in after.keys() - before.keys() if any(k[:2] == g[:2] for g in gone)}
+    for key in sorted(held):
+        log.warning(
+            f"reload: the listener on {key[0]} port {key[1]} keeps its previous settings "
+            "until a restart"
+        )
+    bound = bind_listeners(new, user_mode=False, keep=(before.keys() & after.keys()) | held)
     add: list[list[Any]] = []
     fds: list[int] = []
     for key, (_, socks) in bound.items():
         add.append([list(key), len(socks)])
         for sock in socks:
             fds.append(sock.detach())
-    remove = [list(key) for key in before.keys() - after.keys()]
-    return add, remove, fds
+    remove = [list(key) for key in gone if not any(key[:2] == k[:2] for k in held)]
+    moved = [[list(g), list(k)] for k in held for g in gone if g[:2] == k[:2]]
+    return add, remove, moved, fds
 
 
 def main(argv: list[str] | None = None) -> int:

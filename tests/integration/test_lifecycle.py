@@ -145,6 +145,28 @@ def test_sighup_moving_the_listener_keeps_its_open_session(running: Daemon) -> N
     running.wait_for_message(second)
 
 
+def test_sighup_to_a_port_in_use_keeps_the_running_listener(running: Daemon) -> None:
+    import socket
+
+    old_port, new_port = running.port, free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", new_port))
+    blocker.listen(1)
+    try:
+        mark = running.log_mark()
+        running.write_config(DEFAULT_CONFIG.replace("port @PORT@", f"port {new_port}"))
+        running.hup()
+        running.wait_for_log(r"reload failed, keeping the running configuration", since=mark)
+        assert port_open(old_port)
+        assert rcpt_code(running, LOCAL_RCPT) == 250
+    finally:
+        blocker.close()
+    mark = running.log_mark()
+    running.hup()  # tried again, not taken as already done
+    running.wait_for_log(r"smtpd reloaded", since=mark)
+    assert port_open(new_port) and not port_open(old_port)
+
+
 # -- SIGTERM ---------------------------------------------------------------------------------
 
 

@@ -371,6 +371,38 @@ def test_reload_binds_new_listeners_and_closes_removed_ones(system: SystemDaemon
     assert _socket_inodes(system.proc.pid) & _listening_inodes() == set()
 
 
+def test_a_reload_to_a_port_in_use_keeps_the_running_configuration(system: SystemDaemon) -> None:
+    system.start()
+    second = free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", second))
+    blocker.listen(1)
+    try:
+        system.write_config(CONFIG.replace("port {port}", "port {second}"), second=second)
+        result = _ctl(system, "reload")
+        assert result.returncode != 0 and "cannot listen" in result.stderr, result
+        assert _rcpt(system.port, "team@localhost") == 250  # still where it was
+    finally:
+        blocker.close()
+    reloaded = _ctl(system, "reload")  # tried again, not taken as already done
+    assert reloaded.returncode == 0, reloaded.stderr + system.log()
+    assert poll(lambda: port_open(second) and not port_open(system.port), 10), system.log()
+
+
+def test_a_listener_whose_settings_change_keeps_listening(system: SystemDaemon) -> None:
+    system.start()
+    renamed = CONFIG.replace("port {port}", "port {port} hostname renamed.test")
+    system.write_config(renamed)
+    reloaded = _ctl(system, "reload")
+    assert reloaded.returncode == 0, reloaded.stderr + system.log()
+    assert "keeps its previous settings until a restart" in system.log()
+    assert _rcpt(system.port, "team@localhost") == 250
+    second = free_port()  # and it is closed when it goes, under its new name
+    system.write_config(CONFIG.replace("port {port}", "port {second}"), second=second)
+    assert _ctl(system, "reload").returncode == 0, system.log()
+    assert poll(lambda: port_open(second) and not port_open(system.port), 10), system.log()
+
+
 def test_invalid_reload_keeps_the_running_configuration(system: SystemDaemon) -> None:
     system.start()
     system.write_config(CONFIG + "frobnicate yes\n")
