@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from aiosmtpd.smtp import SMTP, syntax
 
@@ -127,6 +127,7 @@ class ServerContext:
         self.enqueue = enqueue
         self.paused = False
         self.sessions = 0
+        self.open: set[Session] = set()  # the connected sessions, for a shutdown's 421
         self.total_sessions = 0
         self.notify: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         self.new_msgid: Callable[[], int] = new_msgid  # the daemon's checks the queue
@@ -173,6 +174,7 @@ class Session(SMTP):
         self.source = source or Source("remote", "")
         self.uid = uid
         self.lost = False
+        self._reason: str | None = None  # why the session ended, for the log
         self._deadline = self._armed_for = 0.0
         cls = type(self)
         tables: tuple[list[tuple[str, str]], list[tuple[str, str, bool, Any]]] | None
@@ -218,6 +220,7 @@ class Session(SMTP):
                 self.source = source_for(address, self.listener.tag)
             self.ctx.sessions += 1
             self.ctx.total_sessions += 1
+            self.ctx.open.add(self)
             log.event(
                 self.sid,
                 "smtp",
@@ -231,9 +234,21 @@ class Session(SMTP):
         if not self.lost:
             self.lost = True
             self.ctx.sessions -= 1
-            reason = "quit" if error is None else "error"
+            self.ctx.open.discard(self)
+            reason = self._reason or ("error" if error is not None else "disconnected")
             log.event(self.sid, "smtp", "disconnected", reason=reason)
         super().connection_lost(error)
+
+    def close_with(self, status: str, text: str, reason: str) -> None:
+        """Send a 421 and close (RFC 5321 3.8): a timeout, a shutdown, SMTP paused."""
+        self._reason = self._reason or reason
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"421 {status} {self.hostname} {text}\r\n".encode())
+            transport.close()
+
+    def _timeout_cb(self) -> None:
+        self.close_with("4.4.2", "Timeout, closing connection", "timeout")
 
     def eof_received(self) -> bool | None:
         # aiosmtpd cancels the session when the client closes its side, dropping the commands
@@ -271,7 +286,7 @@ class Session(SMTP):
         if self.loop.time() < self._deadline:
             self._arm_timeout()
         else:
-            self._timeout_cb()  # type: ignore[no-untyped-call]
+            self._timeout_cb()
 
     async def push(self, status: Any) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -335,7 +350,16 @@ class Session(SMTP):
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
         await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        if not arg:
+            self._reason = "quit"
+        await super().smtp_QUIT(arg)
 
     async def smtp_EXPN(self, arg: str) -> None:
         await self.push("502 5.5.1 EXPN not supported")
@@ -395,7 +419,7 @@ class Session(SMTP):
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
         if self.ctx.paused:
-            await self.push("421 4.3.2 Service temporarily unavailable, try again later")
+            self.close_with("4.3.2", "Service paused, closing connection", "paused")
             return
         if self.mails >= self.ctx.max_mails:
             await self.push("452 4.5.3 Too many messages for this session")

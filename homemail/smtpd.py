@@ -851,6 +851,7 @@ class Daemon:
         self._signals += 1
         if self._signals > 1:
             log.warning("second signal: exiting now")
+            log.flush()
             os._exit(EX_SOFTWARE)
         self._stop.set()
 
@@ -876,6 +877,8 @@ class Daemon:
         deadline = time.monotonic() + DRAIN_SECONDS
         while self.ctx.sessions > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        for session in list(self.ctx.open):  # past the drain: say so before closing
+            session.close_with("4.3.2", "Service shutting down, closing connection", "shutdown")
         await self.control.stop()
         if self._loader is not None:
             self._loader.cancel()  # the walk stops at the queue's close; no index then

@@ -66,7 +66,8 @@ async def test_commands_keep_the_session_open_past_the_timeout_and_silence_close
             assert (await _reply(reader)).startswith(b"250 ")
             last = time.monotonic()  # the server read that NOOP before answering it
             await asyncio.sleep(TIMEOUT / 5)
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        said = await asyncio.wait_for(reader.read(), 5)  # then closed by the server
+        assert said.startswith(b"421 4.4.2 ") and said.endswith(b"\r\n"), said
         waited = time.monotonic() - last
         assert TIMEOUT * 0.8 <= waited < TIMEOUT * 4
         writer.close()
@@ -81,7 +82,7 @@ async def test_a_shorter_timeout_set_later_takes_effect() -> None:
         assert (await _reply(reader)).startswith(b"220 ")  # its timer is armed for 60 s
         start = time.monotonic()
         sessions[0]._reset_timeout(TIMEOUT)
-        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"421 4.4.2 ")
         assert time.monotonic() - start < TIMEOUT * 4
         writer.close()
 

@@ -434,14 +434,16 @@ def test_pause_mda_holds_new_mail_until_resume(ctld: Daemon) -> None:
     wait_queue(ctld, "emptied", lambda q: not q)
 
 
-def test_pause_smtp_answers_4xx_to_mail_from_until_resume(ctld: Daemon) -> None:
+def test_pause_smtp_answers_421_to_mail_from_until_resume(ctld: Daemon) -> None:
     assert ok(run_ctl(ctld, "pause", "smtp")).strip() == "smtp paused"
     assert ctl_json(ctld, "show", "status")["smtp"] == "paused"
     with ctld.raw() as raw:
         assert raw.reply().code == 220
         assert raw.command("EHLO client.test").code == 250
         reply = raw.command("MAIL FROM:<sender@example.org>")
-        assert 400 <= reply.code < 500 and reply.has_enhanced_code, reply
+        assert reply.code == 421 and reply.has_enhanced_code, reply
+        assert raw.replies_until_close() == []  # 421 means closing (RFC 5321 3.8)
+    ctld.wait_for_log(r"smtp disconnected reason=paused")
 
     assert ok(run_ctl(ctld, "resume", "smtp")).strip() == "smtp resumed"
     assert ctl_json(ctld, "show", "status")["smtp"] == "running"

@@ -208,14 +208,31 @@ def test_sigterm_lets_an_open_session_finish(running: Daemon) -> None:
 
 
 def test_sigterm_with_an_idle_session_does_not_hang(running: Daemon) -> None:
-    """An idle client does not keep the daemon alive forever (drain has a bound)."""
+    """An idle client does not keep the daemon alive forever (drain has a bound), and is told
+    why it is being closed."""
     with running.raw() as c:
         assert c.reply().code == 220
         assert c.command("EHLO client.test").code == 250
         assert running.proc is not None
         running.signal(signal.SIGTERM)
+        told = c.reply()
+        assert told.code == 421 and told.has_enhanced_code, told
+        assert c.replies_until_close() == []
         rc = running.proc.wait(40)
     assert rc == 0
+    log = running.log()
+    assert "smtp disconnected reason=shutdown" in log
+    assert log.index("reason=shutdown") < log.index("smtpd stopped")
+
+
+def test_the_log_says_how_each_session_ended(running: Daemon) -> None:
+    with running.smtp() as s:
+        s.ehlo()
+        s.quit()
+    with running.raw() as c:
+        assert c.reply().code == 220  # then the client just goes away
+    running.wait_for_log(r"smtp disconnected reason=quit")
+    running.wait_for_log(r"smtp disconnected reason=disconnected")
 
 
 def test_second_signal_forces_the_exit(running: Daemon) -> None:
@@ -227,6 +244,7 @@ def test_second_signal_forces_the_exit(running: Daemon) -> None:
         running.signal(signal.SIGTERM)
         assert running.proc is not None
         running.proc.wait(5)  # well before the session drain would end
+    assert "second signal: exiting now" in running.log()
 
 
 # -- start-up --------------------------------------------------------------------------------
