@@ -583,7 +583,12 @@ class Session(SMTP):
             if end >= 0:
                 break
             searched = len(buf)
-            if len(buf) + dropped > limit + 2 and len(buf) > 8:
+            # the size is the unstuffed one (RFC 1870): count the dots only near the limit
+            if (
+                len(buf) + dropped > limit + 2
+                and len(buf) > 8
+                and (dropped or len(buf) - buf.count(b"\r\n.") > limit + 2)
+            ):
                 dropped += len(buf) - 4
                 del buf[:-4]  # keep only what a terminator could start in
                 searched = 0
@@ -597,11 +602,13 @@ class Session(SMTP):
             # back in front of the reader's (empty) buffer, even after the client's EOF; the
             # buffer is private API, which aiosmtpd itself relies on for STARTTLS
             reader._buffer[:0] = leftover  # type: ignore[attr-defined]
-        if dropped or end > limit:
+        if dropped:
             raise _TooLarge
         del buf[end + 2 :]
         if buf.find(b"\r\n.") >= 0:  # dot-stuffed lines: rarer than not
             buf = buf.replace(b"\r\n.", b"\r\n")
+        if len(buf) - 2 > limit:
+            raise _TooLarge
         return bytes(memoryview(buf)[2:])
 
     # -- the message -------------------------------------------------------------------------

@@ -56,6 +56,19 @@ async def test_over_the_limit_is_read_to_the_end_and_refused():
     assert (content, rest) == ("too large", b"QUIT\r\n")
 
 
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_the_limit_is_on_the_size_after_unstuffing(extra: int):
+    """RFC 1870: the doubled dots of the transfer do not count."""
+    line = b".dotted line, stuffed on the wire\r\n"  # 35 octets, 36 on the wire
+    message = line * 1000 + b"x" * extra + b"\r\n" * bool(extra)
+    limit = len(line) * 1000 + 2 * bool(extra)
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    stuffed = b"." + stuffed if stuffed.startswith(b".") else stuffed
+    content, rest = await read(stuffed + b".\r\nQUIT\r\n", limit=limit, chunks=40)
+    assert rest == b"QUIT\r\n"
+    assert content == (message if not extra else "too large")
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.binary(max_size=40).filter(lambda b: b"\r\n" not in b), max_size=20),
