@@ -26,7 +26,7 @@ from typing import Any, ClassVar, cast
 from aiosmtpd.smtp import SMTP, syntax
 
 from homemail import log
-from homemail.address import AddressError, parse_path
+from homemail.address import AddressError, check_domain, parse_path
 from homemail.config import Listener
 from homemail.queue import Envelope, QueueError, format_id, new_evpid, new_msgid, random_bits
 from homemail.ruleset import Rejected, Ruleset, Source, Target, source_for
@@ -308,6 +308,9 @@ class Session(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
+        if not _valid_helo(hostname):
+            await self.push("501 5.5.4 Invalid domain name")
+            return
         assert self.session is not None
         self._set_rset_state()  # type: ignore[no-untyped-call]
         self.txn = None
@@ -331,6 +334,9 @@ class Session(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        if not _valid_helo(hostname):
+            await self.push("501 5.5.4 Invalid domain name")
             return
         assert self.session is not None
         self._set_rset_state()  # type: ignore[no-untyped-call]
@@ -431,7 +437,7 @@ class Session(SMTP):
         txn = Transaction()
         for key, value in params.items():
             if key == "SIZE":
-                if not value.isdigit() or len(value) > 20:
+                if not (value.isascii() and value.isdigit()) or len(value) > 20:
                     await self.push("501 5.5.4 Malformed SIZE parameter")
                     return
                 if int(value) > self.ctx.max_message_size:
@@ -633,7 +639,7 @@ class Session(SMTP):
                 content,
                 origin=origin,
                 hostname=self.hostname,
-                proto=("UTF8" + proto) if txn.smtputf8 else proto,
+                proto="UTF8SMTP" if txn.smtputf8 else proto,  # RFC 6531 3.7.3
                 msgid=msgid,
                 now=now,
                 single_rcpt=txn.recipients[0].rcpt if len(txn.recipients) == 1 else None,
@@ -815,6 +821,17 @@ class _Hooks:
             return ""
         log.event(self.session.sid, "smtp", "error", error=f"{type(error).__name__}: {error}")
         return "451 4.3.0 Internal error, try again later"
+
+
+def _valid_helo(name: str) -> bool:
+    """A domain or an address literal (RFC 5321 4.1.1.1), as OpenSMTPD checks it; the
+    underscores of many a Windows host name pass, the spaces, semicolons and bytes that would
+    garble the Received: field do not."""
+    try:
+        check_domain(name.replace("_", "x"))
+    except AddressError:
+        return False
+    return True
 
 
 def _has_long_line(content: bytes) -> bool:

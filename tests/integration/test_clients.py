@@ -6,6 +6,7 @@ import email
 import email.policy
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from email.message import EmailMessage
@@ -238,6 +239,7 @@ def test_smtplib_send_message_smtputf8(mta: Daemon) -> None:
         s.send_message(msg)  # smtplib adds SMTPUTF8 and BODY=8BITMIME itself
     stored = mta.wait_for_message(f"utf8 {tok}")
     assert stored.startswith("Return-Path: <jürgen@bücher.example>\n".encode())
+    assert re.search(rb"Received: [^\n]*(\n\t[^\n]*)* with UTF8SMTP id ", stored), stored[:600]
 
 
 def test_smtplib_helo_only_client(mta: Daemon) -> None:

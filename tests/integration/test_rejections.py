@@ -254,6 +254,28 @@ def test_too_many_messages_in_a_session_gets_452(mta: Daemon) -> None:
         mail_ok(s)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [b"two words", b"a;b(c)d", b"evil\rX-Injected: yes", b"\xff", b"\xc0x", b"x..y", b"[1.2.3]"],
+)
+@pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+def test_a_greeting_that_is_no_domain_is_refused(mta: Daemon, verb: bytes, name: bytes) -> None:
+    """RFC 5321 4.1.1.1: a domain or an address literal; refused, the session is not greeted."""
+    with mta.raw() as c:
+        assert c.reply().code == 220
+        reply = c.command(verb + b" " + name)
+        assert (reply.code, reply.text[:6]) == (501, "5.5.4 "), str(reply)
+        assert c.command(b"MAIL FROM:<a@example.org>").code == 503
+
+
+@pytest.mark.parametrize("name", ["client.test", "[127.0.0.1]", "[IPv6:::1]", "my_pc.lan", "x."])
+def test_a_greeting_with_a_domain_or_a_literal_is_taken(mta: Daemon, name: str) -> None:
+    with mta.raw() as c:
+        assert c.reply().code == 220
+        assert c.command(f"EHLO {name}").code == 250
+        assert c.command(b"MAIL FROM:<a@example.org>").code == 250
+
+
 # -- SIZE ------------------------------------------------------------------------------------
 
 
@@ -262,6 +284,13 @@ def test_size_over_the_limit_is_refused_at_mail(session: smtplib.SMTP) -> None:
     assert 1_000_000 <= limit <= 1_048_576, limit  # "smtp max-message-size 1M"
     expect(session.docmd("MAIL", f"FROM:<alice@example.org> SIZE={limit + 1}"), 552, "5.3.4")
     expect(session.docmd("MAIL", f"FROM:<alice@example.org> SIZE={limit}"), 250, "2.1.0")
+
+
+@pytest.mark.parametrize("size", ["\u00b2", "\u0661\u0662", "12a", "-1"])
+def test_size_must_be_ascii_digits(session: smtplib.SMTP, size: str) -> None:
+    session.command_encoding = "utf-8"
+    expect(session.docmd("MAIL", f"FROM:<alice@example.org> SIZE={size}"), 501, "5.5.4")
+    expect(session.docmd("MAIL", "FROM:<alice@example.org> SIZE=12"), 250, "2.1.0")
 
 
 def test_body_over_the_limit_is_refused_after_data(mta: Daemon, session: smtplib.SMTP) -> None:
