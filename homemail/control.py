@@ -487,9 +487,14 @@ async def _show_config(c: ControlConnection, req: Request) -> None:
 
 @handles("schedule")
 async def _schedule(c: ControlConnection, req: Request) -> None:
-    envs = c.find(proto.arg_str(req, "id"))
+    text = proto.arg_str(req, "id")
+    envs = c.find(text)
+    if text != "all" and all(env.paused for env in envs):
+        raise ProtocolError(
+            Code.CONFLICT, f"{text} is paused: resume it first (resume envelope {text})"
+        )
     count = 0
-    for env in envs:
+    for env in envs:  # a paused one is not scheduled, nor counted
         count += c.daemon.scheduler.schedule_now(env.evpid)
     c.send(proto.reply_ok(req.id, {"count": count}))
 

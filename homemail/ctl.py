@@ -8,10 +8,11 @@ sendmail compatibility interface (``sendmail``, ``mailq``, ``newaliases`` by ``a
 :func:`verify_password`.  It imports only the standard library and homemail's stdlib-only
 modules, so it starts fast.
 
-**Exit codes** (sysexits): 0 ok, 1 no such envelope/table/alias, 64 usage, 65 bad data (or a 5xx
-from the daemon for sendmail), 67 a recipient rejected, 69 the daemon is not running, 70 daemon
-internal error, 75 temporary failure, 76 protocol error, 77 permission denied, 78 invalid
-configuration on ``reload``.
+**Exit codes** (sysexits): 0 ok, 1 no such envelope/table/alias or a conflict with its state
+(``schedule`` of a paused envelope), 64 usage, 65 bad data (or a 5xx from the daemon for
+sendmail), 67 a recipient rejected, 69 the daemon is not running, 70 daemon internal error,
+75 temporary failure, 76 protocol error, 77 permission denied, 78 invalid configuration on
+``reload``.
 
 **Sendmail.**  The message is read from stdin, given CRLF line endings and the ``From:``,
 ``Date:`` and ``Message-ID:`` headers it lacks, then submitted to the daemon as SMTP over the

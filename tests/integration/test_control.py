@@ -416,6 +416,30 @@ def test_pause_envelope_stays_queued_through_schedule_all(ctld: Daemon) -> None:
     wait_queue(ctld, "emptied", lambda q: not q)
 
 
+def test_schedule_leaves_a_paused_envelope_alone_and_says_so(ctld: Daemon) -> None:
+    held, other = defer(ctld, 2)
+    assert ok(run_ctl(ctld, "pause", "envelope", held.evpid)).strip() == "1 envelope paused"
+    for ident in (held.evpid, held.msgid):
+        refused = run_ctl(ctld, "schedule", ident)
+        assert refused.returncode == 1, refused
+        assert refused.stdout == ""
+        assert f"{ident} is paused: resume it first" in refused.stderr, refused.stderr
+
+    repair_flaky(ctld)
+    assert ok(run_ctl(ctld, "schedule", "all")).strip() == "1 envelope scheduled"
+    ctld.wait_for_message(other.token, flaky_dir(ctld))
+    envs = queue_json(ctld)
+    assert list(envs) == [held.evpid], envs
+    assert envs[held.evpid]["state"] == "paused"
+    assert envs[held.evpid]["retry"] == 1, "a paused envelope was tried"
+    assert ctl_json(ctld, "schedule", "all") == {"count": 0}
+    assert delivered(ctld, held.token, flaky_dir(ctld)) == 0
+
+    assert ok(run_ctl(ctld, "resume", "envelope", held.evpid)).strip() == "1 envelope resumed"
+    ctld.wait_for_message(held.token, flaky_dir(ctld))
+    wait_queue(ctld, "emptied", lambda q: not q)
+
+
 def test_pause_mda_holds_new_mail_until_resume(ctld: Daemon) -> None:
     assert ok(run_ctl(ctld, "pause", "mda")).strip() == "mda paused"
     assert ctl_json(ctld, "show", "status")["mda"] == "paused"
