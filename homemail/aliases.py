@@ -8,6 +8,9 @@ and a name that an alias maps to itself ends the recursion as a user (``bob: bob
 The second half edits an aliases file in place for ``homemailctl alias`` and the tray app:
 comments, blank lines and the order of entries are kept, targets are validated, and the new
 file is written to a temporary file, checked by the table parser and renamed over the old one.
+Edits are serialized by a lock of this module: every writer is in one process (the daemon in
+user mode, from its threads; the privileged parent in system mode), so two edits at once cannot
+each read the old file and the second rename drop the first one's entry.
 
 Which users exist depends on the mode: in user mode only the user running the daemon can receive
 mail; in system mode every account with a home directory except root does.
@@ -21,6 +24,7 @@ import pwd
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +32,7 @@ from homemail.address import AddressError, check_local_part, parse_mailbox, spli
 from homemail.table import Table, TableError
 
 MAX_DEPTH = 10
+_EDIT_LOCK = threading.Lock()  # one read-modify-write of an aliases file at a time
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,11 @@ def add(path: str, name: str, targets: list[str]) -> None:
     new = [check_alias_target(t) for t in targets]
     if not new:
         raise AliasEditError(400, "an alias needs at least one target")
+    with _EDIT_LOCK:
+        _add(path, key, new)
+
+
+def _add(path: str, key: str, new: list[str]) -> None:
     lines = _read_lines(path)
     for entry, start, end in _entry_spans(lines):
         if entry != key:
@@ -295,10 +305,11 @@ def add(path: str, name: str, targets: list[str]) -> None:
 
 def remove(path: str, name: str) -> None:
     key = name.lower()
-    lines = _read_lines(path)
-    for entry, start, end in _entry_spans(lines):
-        if entry == key:
-            del lines[start:end]
-            _write_lines(path, lines)
-            return
+    with _EDIT_LOCK:
+        lines = _read_lines(path)
+        for entry, start, end in _entry_spans(lines):
+            if entry == key:
+                del lines[start:end]
+                _write_lines(path, lines)
+                return
     raise AliasEditError(404, f"no alias {name!r}")

@@ -577,6 +577,43 @@ def test_alias_list_add_remove_edit_the_file_in_place(ctld: Daemon) -> None:
     assert missing.returncode == 1 and "no alias" in missing.stderr, missing
 
 
+def test_concurrent_alias_edits_all_land(ctld: Daemon) -> None:
+    aliases = ctld.dir / "aliases"
+    names = [f"conc{i}" for i in range(12)]
+    procs = [
+        subprocess.Popen(
+            [*HOMEMAILCTL, "--socket", str(ctld.socket), "alias", "add", name, USER],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ctl_env(ctld),
+        )
+        for name in names
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (out, err)
+    text = aliases.read_text()
+    assert [n for n in names if f"\n{n}: {USER}\n" not in text] == [], text
+    listed = ok(run_ctl(ctld, "alias", "list")).splitlines()
+    assert {f"{n}: {USER}" for n in names} <= set(listed), listed
+
+    procs = [
+        subprocess.Popen(
+            [*HOMEMAILCTL, "--socket", str(ctld.socket), "alias", "remove", name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ctl_env(ctld),
+        )
+        for name in names
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (out, err)
+    assert aliases.read_text() == ctld.render(ALIASES)
+
+
 # -- monitor ---------------------------------------------------------------------------------
 
 
