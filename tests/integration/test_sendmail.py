@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import homemail
+
 from .conftest import (
     CTL_SCRIPT,
     HOMEMAIL,
@@ -57,6 +59,10 @@ flaky: @USER@
 
 # -- helpers ---------------------------------------------------------------------------------
 
+#: The homemail under test: the links run the virtual environment's script, which would import
+#: the installed package instead.
+PACKAGE_ROOT = str(Path(homemail.__file__).resolve().parent.parent)
+
 
 @pytest.fixture
 def bindir(tmp_path: Path) -> Path:
@@ -86,13 +92,15 @@ def sm(daemon: Daemon) -> Daemon:
 
 
 def cron_env(daemon: Daemon, bindir: Path, **extra: str) -> dict[str, str]:
-    """What cron gives a job (a short PATH, HOME, LOGNAME, SHELL), plus the daemon's socket."""
+    """What cron gives a job (a short PATH, HOME, LOGNAME, SHELL), plus the daemon's socket
+    (and PYTHONPATH, for the code under test)."""
     env = {
         "PATH": f"{bindir}:/usr/bin:/bin",
         "HOME": str(daemon.home),
         "LOGNAME": USER,
         "SHELL": "/bin/sh",
         "HOMEMAIL_SOCKET": str(daemon.socket),
+        "PYTHONPATH": PACKAGE_ROOT,
     }
     env.update(extra)
     return env
@@ -513,6 +521,7 @@ def test_sendmail_with_the_default_user_mode_paths(tmp_path: Path, bindir: Path)
             "LOGNAME": USER,
             "XDG_STATE_HOME": daemon.env["XDG_STATE_HOME"],
             "XDG_RUNTIME_DIR": daemon.env["XDG_RUNTIME_DIR"],
+            "PYTHONPATH": PACKAGE_ROOT,
         }
         tok = token()
         result = shell(
