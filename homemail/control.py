@@ -546,6 +546,12 @@ async def _reload(c: ControlConnection, req: Request) -> None:
 
 @handles("update table")
 async def _update_table(c: ControlConnection, req: Request) -> None:
+    if req.args.get("aliases") is True:  # newaliases: whichever tables hold the aliases
+        updated = await c.daemon.update_aliases()
+        if isinstance(updated, tuple):
+            raise ProtocolError(updated[0], updated[1])
+        c.send(proto.reply_ok(req.id, {"tables": updated}))
+        return
     name = proto.arg_str(req, "name")
     error = await c.daemon.update_table(name)
     if error is not None:

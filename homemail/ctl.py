@@ -865,9 +865,14 @@ def mailq(sock_path: str) -> int:
 
 
 def newaliases(sock_path: str) -> int:
+    """Have the daemon re-read the aliases files its configuration uses, whatever their names."""
     with ControlClient(sock_path) as client:
-        client.call("update table", name="aliases")
-    _write("aliases: table updated\n")
+        result = client.call("update table", aliases=True)
+    tables = result.get("tables") if isinstance(result, dict) else None
+    names = [t for t in tables if isinstance(t, str)] if isinstance(tables, list) else []
+    if not names:  # not an error: package scripts run newaliases after any change
+        _write("no aliases file in the configuration: nothing to re-read\n")
+    _write("".join(f"{clean(name)}: table updated\n" for name in names))
     return EX_OK
 
 

@@ -40,6 +40,7 @@ from homemail.config import (
     ConfigError,
     Listener,
     Location,
+    alias_tables,
     aliases_file,
     default_aliases_text,
     default_config_text,
@@ -675,6 +676,16 @@ class Daemon:
         log.event("-", "control", "table-updated", table=name)
         self.publish("table-updated", {"table": name})
         return None
+
+    async def update_aliases(self) -> tuple[Code, str] | list[str]:
+        """newaliases: re-read every aliases file the configuration uses; the tables' names
+        (none when the aliases are inline, or there are none)."""
+        names = [n for n in alias_tables(self.cfg) if self.cfg.tables[n].source is not None]
+        for name in names:
+            error = await self.update_table(name)
+            if error is not None:
+                return error
+        return names
 
     async def update_table_by_path(self, path: str) -> str | None:
         for name, table in list(self.cfg.tables.items()):

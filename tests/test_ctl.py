@@ -1284,19 +1284,27 @@ def test_mailq(
 def test_newaliases_and_q(
     daemon: Callable[[dict[str, Handler]], FakeDaemon], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake = daemon({"update table": ok({"table": "aliases"}), "schedule": ok({"count": 2})})
+    fake = daemon(
+        {"update table": ok({"tables": ["aliases"]}), "schedule": ok({"count": 2})}
+    )
     assert cli(fake.path, "newaliases") == 0
     assert capsys.readouterr().out == "aliases: table updated\n"
     assert cli(fake.path, "sendmail", "-bi") == 0
     assert cli(fake.path, "sendmail", "-q") == 0
     assert capsys.readouterr().out == "aliases: table updated\n2 envelopes scheduled\n"
     assert [r.verb for r in fake.requests] == ["update table", "update table", "schedule"]
-    assert [r.args for r in fake.requests] == [
-        {"name": "aliases"},
-        {"name": "aliases"},
+    assert [r.args for r in fake.requests] == [  # the daemon knows which tables hold aliases
+        {"aliases": True},
+        {"aliases": True},
         {"id": "all"},
     ]
-    fake.handlers["update table"] = error(Code.NOT_FOUND, "no table 'aliases'")
+    fake.handlers["update table"] = ok({"tables": ["myal", "staff"]})
+    assert cli(fake.path, "newaliases") == 0
+    assert capsys.readouterr().out == "myal: table updated\nstaff: table updated\n"
+    fake.handlers["update table"] = ok({"tables": []})
+    assert cli(fake.path, "newaliases") == 0
+    assert capsys.readouterr().out == "no aliases file in the configuration: nothing to re-read\n"
+    fake.handlers["update table"] = error(Code.CONFLICT, "aliases:3: bad line")
     assert cli(fake.path, "newaliases") == ctl.EX_NOTFOUND
 
 

@@ -356,6 +356,54 @@ def test_newaliases_reloads_the_aliases_table(sm: Daemon, bindir: Path) -> None:
     assert rcpt_code(sm, "dave@localhost") == 250
 
 
+NAMED_ALIASES_CONFIG = """\
+# alias tables with names of their own
+table myal file:@DIR@/aliases
+table staff file:@DIR@/staff
+table hiddenrcpts { "hidden@localhost" }
+listen on 127.0.0.1 port @PORT@
+action "hidden" maildir "@DIR@/Hidden" alias <staff>
+action "local" maildir "@MAILDIR@" alias <myal>
+match from local for rcpt-to <hiddenrcpts> action "hidden"
+match from local for local action "local"
+"""
+
+
+def test_newaliases_reloads_alias_tables_of_any_name(daemon: Daemon, bindir: Path) -> None:
+    """The alias tables are whatever the actions name: newaliases re-reads each aliases file."""
+    prepare(daemon)
+    staff = daemon.dir / "staff"
+    staff.write_text(f"helpdesk: {USER}\n", encoding="utf-8")
+    sm = daemon.start(NAMED_ALIASES_CONFIG)
+    env = cron_env(sm, bindir)
+    aliases = sm.dir / "aliases"
+    assert rcpt_code(sm, "carol@localhost") == 550
+    assert rcpt_code(sm, "hidden@localhost") == 550
+    aliases.write_text(aliases.read_text() + f"carol: {USER}\n")
+    staff.write_text(staff.read_text() + f"hidden: {USER}\n")
+    updated = "staff: table updated\nmyal: table updated\n"  # in the order of the actions
+    assert ok(shell("newaliases", env, sm.home)) == updated
+    assert rcpt_code(sm, "carol@localhost") == 250
+    assert rcpt_code(sm, "hidden@localhost") == 250
+    tok = token()
+    ok(run([str(bindir / "sendmail"), "-oi", "carol@localhost"], env, f"Subject: {tok}\n\nx\n"))
+    sm.wait_for_message(tok)
+
+    aliases.write_text(aliases.read_text() + f"dave: {USER}\n")
+    assert ok(shell("sendmail -bi", env, sm.home)) == updated
+    assert rcpt_code(sm, "dave@localhost") == 250
+
+
+def test_newaliases_without_an_aliases_file_says_so(daemon: Daemon, bindir: Path) -> None:
+    """Not an error (package scripts run newaliases): there is just nothing to re-read."""
+    inline = CONFIG.replace("file:@DIR@/aliases", "{ postmaster = @USER@ }")
+    sm = prepare(daemon).start(inline)
+    for script in ("newaliases", "sendmail -bi"):
+        result = shell(script, cron_env(sm, bindir), sm.home)
+        assert result.returncode == 0 and result.stderr == "", result
+        assert result.stdout == "no aliases file in the configuration: nothing to re-read\n"
+
+
 def test_sendmail_q_flushes_the_queue(sm: Daemon, bindir: Path) -> None:
     env = cron_env(sm, bindir)
     toks = [token(), token()]
