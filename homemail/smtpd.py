@@ -651,11 +651,12 @@ class Daemon:
                 {"type": "alias", "op": op, "name": name, "targets": targets}
             )
             if not result.get("ok"):
-                code = 404 if result.get("status") == "404" else 409
+                status = result.get("status")
+                code = int(status) if status in ("400", "404", "409") else 409
                 raise AliasEditError(code, str(result.get("text", "alias edit refused")))
             return
-        if op == "add":
-            await asyncio.to_thread(aliases_add, path, name, targets)
+        if op == "add":  # checked against the rules as they are when the file is written
+            await asyncio.to_thread(aliases_add, path, name, targets, self.ctx.ruleset.check_alias)
         else:
             await asyncio.to_thread(aliases_remove, path, name)
 

@@ -551,10 +551,10 @@ def test_alias_list_add_remove_edit_the_file_in_place(ctld: Daemon) -> None:
     assert aliases.stat().st_ino != inode, "the file was rewritten in place, not renamed over"
     assert sorted(p.name for p in ctld.dir.iterdir() if p.name.startswith(".")) == []
 
-    assert ctl_json(ctld, "alias", "add", "carol", "bob", "dave@localhost") == {
+    assert ctl_json(ctld, "alias", "add", "carol", "bob", f"{USER}+tag@localhost") == {
         "file": str(aliases)
     }
-    assert aliases.read_text() == original + f"carol: {USER}, bob, dave@localhost\n"
+    assert aliases.read_text() == original + f"carol: {USER}, bob, {USER}+tag@localhost\n"
 
     before = aliases.read_bytes()
     for bad in (["dave", "|/bin/sh -c id"], ["dave", "two words"], ["bad name", USER]):
@@ -567,14 +567,44 @@ def test_alias_list_add_remove_edit_the_file_in_place(ctld: Daemon) -> None:
     assert ok(run_ctl(ctld, "alias", "remove", "alice")).strip() == "alias alice removed"
     assert rcpt_code(ctld, "alice@localhost") == 550
     text = aliases.read_text()
-    assert (
-        text == original.replace(f"alice: {USER}\n", "") + f"carol: {USER}, bob, dave@localhost\n"
+    assert text == original.replace(f"alice: {USER}\n", "") + (
+        f"carol: {USER}, bob, {USER}+tag@localhost\n"
     )
     assert text.startswith("# aliases for the control tests: this comment must survive")
     assert "# flaky mail goes to a maildir that fails temporarily\n" in text
 
     missing = run_ctl(ctld, "alias", "remove", "alice")
     assert missing.returncode == 1 and "no alias" in missing.stderr, missing
+
+
+def test_alias_add_refuses_targets_mail_could_not_be_delivered_to(ctld: Daemon) -> None:
+    """A remote address, a file, a command, or a name that is no user and no alias: mail to
+    the alias would be refused at RCPT, so the alias is refused and the file left alone."""
+    aliases = ctld.dir / "aliases"
+    before = aliases.read_bytes()
+    refusals = {
+        "friend@example.com": "remote addresses need relaying",
+        "/tmp/file": "files and commands are not supported yet",
+        "|cmd": "files and commands are not supported yet",
+        "nosuchname": "no such user or alias",
+        "nosuchname@localhost": "no such user or alias",
+    }
+    for target, why in refusals.items():
+        for name in ("dave", "bob"):  # a new alias, and a target added to an existing one
+            result = run_ctl(ctld, "alias", "add", name, USER, target)
+            assert result.returncode == 65, (target, result)
+            assert f"alias {name!r} not added" in result.stderr, result.stderr
+            assert why in result.stderr and repr(target) in result.stderr, result.stderr
+            assert aliases.read_bytes() == before, f"{target} changed the file"
+    assert rcpt_code(ctld, "dave@localhost") == 550
+    assert rcpt_code(ctld, "bob@localhost") == 250
+
+    # a target that is an alias (itself a user's) or a user's sub-address is fine
+    assert ok(run_ctl(ctld, "alias", "add", "dave", "alice", f"{USER}+x")).strip() == (
+        "alias dave added"
+    )
+    assert ok(run_ctl(ctld, "alias", "add", "erin", "dave")).strip() == "alias erin added"
+    assert rcpt_code(ctld, "erin@localhost") == 250
 
 
 def test_concurrent_alias_edits_all_land(ctld: Daemon) -> None:

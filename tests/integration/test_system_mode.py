@@ -344,6 +344,14 @@ def test_alias_edits_go_through_the_parent_to_a_root_owned_file(system: SystemDa
     assert missing.returncode != 0
     assert "no alias" in missing.stderr
 
+    before = aliases.read_bytes()  # what the parent would write is expanded by its rules first
+    for target, why in (("friend@example.com", "relaying"), ("root", "no such user")):
+        refused = _ctl(system, "alias", "add", "helpdesk", "hmsys2", target)
+        assert refused.returncode == 65, refused
+        assert "alias 'helpdesk' not added" in refused.stderr and why in refused.stderr
+        assert aliases.read_bytes() == before
+    assert _rcpt(system.port, "helpdesk@localhost") == 550
+
 
 TWO_PORTS = """\
 table aliases {{ postmaster = "hmsys1" }}
