@@ -1321,17 +1321,33 @@ def _headers_ascii(message: bytes) -> bool:
     return (message if end < 0 else message[:end]).isascii()
 
 
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def bare_lf_to_crlf(data: bytes, after_cr: bool) -> bytes:
+    """``data`` with each LF not preceded by CR made CR LF; ``after_cr``: the bytes before
+    ``data`` ended with CR (so a LF at its start ends that line as it is)."""
+    if after_cr and data.startswith(b"\n"):
+        return b"\n" + _BARE_LF.sub(b"\r\n", data[1:])
+    return _BARE_LF.sub(b"\r\n", data)
+
+
 def relay(sock: socket.socket, infd: int, outfd: int) -> None:
-    """-bs: copy stdin to the SMTP session and its answers to stdout until it hangs up."""
+    """-bs: copy stdin to the SMTP session and its answers to stdout until it hangs up.
+
+    Lines may end with LF alone on stdin, as Sendmail allows: they reach the daemon as CR LF.
+    """
     sock.settimeout(None)
 
     def pump() -> None:
+        after_cr = False
         try:
             while True:
                 data = os.read(infd, 65536)
                 if not data:
                     break
-                sock.sendall(data)
+                sock.sendall(bare_lf_to_crlf(data, after_cr))
+                after_cr = data.endswith(b"\r")
         except OSError:
             pass
         finally:

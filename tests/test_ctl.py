@@ -4,6 +4,7 @@ side of the control socket against a small fake daemon (a real Unix socket in tm
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -1652,3 +1653,90 @@ def test_sendmail_bs_relays_both_ways(
     assert done.stdout.startswith(b"220 fake ESMTP\r\n250-fake\r\n")
     assert done.stdout.endswith(b"250 ok\r\n221 bye\r\n")
     assert smtp.lines == [b"EHLO me\r\n", b"NOOP\r\n", b"QUIT\r\n"]
+
+
+def test_sendmail_bs_takes_lf_line_endings(
+    daemon: Callable[[dict[str, Handler]], FakeDaemon], tmp_path: Path
+) -> None:
+    smtp = FakeSMTP()
+    fake = daemon({"smtp": smtp})
+    done = subprocess.run(
+        [linked(tmp_path, "sendmail"), "-bs"],
+        input=b"EHLO me\nMAIL FROM:<u@x.org>\nRCPT TO:<v@x.org>\nDATA\nSubject: x\n\nhi\n.\nQUIT\n",
+        capture_output=True,
+        env=env_for(tmp_path, HOMEMAIL_SOCKET=fake.path),
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(b"354 go ahead\r\n250 queued\r\n221 bye\r\n"), done.stdout
+    assert smtp.message == b"Subject: x\r\n\r\nhi\r\n"
+    assert smtp.lines[-1] == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "after_cr", "expected"),
+    [
+        (b"EHLO me\nQUIT\n", False, b"EHLO me\r\nQUIT\r\n"),
+        (b"EHLO me\r\nQUIT\r\n", False, b"EHLO me\r\nQUIT\r\n"),
+        (b"\nQUIT\n", True, b"\nQUIT\r\n"),  # the CR came in the previous read
+        (b"\nQUIT\n", False, b"\r\nQUIT\r\n"),
+        (b"\n\n", True, b"\n\r\n"),
+        (b"a\rb\r", False, b"a\rb\r"),  # a lone CR is left as it is
+        (b"", True, b""),
+    ],
+)
+def test_bare_lf_to_crlf(data: bytes, after_cr: bool, expected: bytes) -> None:
+    assert ctl.bare_lf_to_crlf(data, after_cr) == expected
+
+
+def test_bare_lf_to_crlf_does_not_depend_on_where_reads_end() -> None:
+    data = b"EHLO me\nMAIL FROM:<a@b>\r\n\r\nDATA\n\nx\r\r\n.\nQUIT\r\n"
+    whole = ctl.bare_lf_to_crlf(data, False)
+    assert whole == b"EHLO me\r\nMAIL FROM:<a@b>\r\n\r\nDATA\r\n\r\nx\r\r\n.\r\nQUIT\r\n"
+    for cut in range(len(data) + 1):
+        first, second = data[:cut], data[cut:]
+        out = ctl.bare_lf_to_crlf(first, False)
+        out += ctl.bare_lf_to_crlf(second, first.endswith(b"\r"))
+        assert out == whole, cut
+
+
+def test_relay_turns_bare_lf_into_crlf_across_reads() -> None:
+    """-bs: a CR at the end of one read and its LF at the start of the next stay one CR LF."""
+    ours, theirs = socket.socketpair()
+    infd, feed = os.pipe()
+    outfd, out = os.pipe()
+    relay = threading.Thread(target=ctl.relay, args=(ours, infd, out), daemon=True)
+    relay.start()
+    got = bytearray()
+
+    def receive_until(end: bytes) -> None:
+        theirs.settimeout(10)
+        while not got.endswith(end):
+            chunk = theirs.recv(65536)
+            assert chunk, bytes(got)
+            got.extend(chunk)
+
+    try:
+        os.write(feed, b"EHLO me\r")
+        receive_until(b"EHLO me\r")  # read and sent on its own: the LF comes in another read
+        os.write(feed, b"\nMAIL FROM:<u@localhost>\nDATA\n")
+        receive_until(b"DATA\r\n")
+        os.write(feed, b"\n")
+        receive_until(b"DATA\r\n\r\n")
+        os.close(feed)
+        feed = -1
+        assert theirs.recv(65536) == b""  # stdin's end: the session's sending side is shut
+        assert bytes(got) == b"EHLO me\r\nMAIL FROM:<u@localhost>\r\nDATA\r\n\r\n"
+        theirs.sendall(b"221 bye\r\n")
+        theirs.close()
+        relay.join(10)
+        assert not relay.is_alive()
+        assert os.read(outfd, 65536) == b"221 bye\r\n"
+    finally:
+        for fd in (infd, outfd, out, feed):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        ours.close()
+        theirs.close()
+

@@ -276,6 +276,20 @@ def test_sendmail_bs_speaks_smtp_on_stdin(sm: Daemon, bindir: Path) -> None:
     assert b"\n.dot-stuffed line\n" in stored
 
 
+def test_sendmail_bs_with_lf_line_endings(sm: Daemon, bindir: Path) -> None:
+    """As Sendmail does, -bs takes lines ending in LF alone: they reach the daemon as CR LF."""
+    tok = token()
+    script = (
+        "printf 'EHLO me\\nMAIL FROM:<u@localhost>\\nRCPT TO:<alice@localhost>\\nDATA\\n"
+        f"Subject: lf {tok}\\n\\nhello\\n.\\nQUIT\\n' | sendmail -bs"
+    )
+    out = ok(shell(script, cron_env(sm, bindir), sm.home))
+    finals = [line[:4] for line in out.splitlines() if line[3:4] == " "]
+    assert finals == ["220 ", "250 ", "250 ", "250 ", "354 ", "250 ", "221 "], out
+    stored = sm.wait_for_message(tok)
+    assert stored.endswith(b"\n\nhello\n"), stored
+
+
 def test_sendmail_bs_interactive_dialogue(sm: Daemon, bindir: Path) -> None:
     """The same dialogue, each command written after the reply to the previous one."""
     proc = subprocess.Popen(
