@@ -98,7 +98,7 @@ The socket defaults to $HOMEMAIL_SOCKET, else the daemon's usual place.
 
 SENDMAIL_USAGE = """\
 usage: sendmail [-t] [-i|-oi] [-f|-r SENDER] [-F NAME] [-N DSN] [-R full|hdrs] [-V ENVID]
-                [-bm|-bs|-bp|-bi|-q] [-v] [-oX] [-B TYPE] [-L TAG] [--] [RECIPIENT...]
+                [-bm|-bs|-bp|-bi|-q] [-v] [-U] [-oX] [-B TYPE] [-L TAG] [--] [RECIPIENT...]
 """
 
 
@@ -892,12 +892,15 @@ class SendmailArgs:
     recipients: list[str] = field(default_factory=list)
 
 
-_WITH_VALUE = "frFNRVBL"
+_FLAGS = "tivU"  # -t, -i; -v (verbose) and -U (initial user submission) are accepted
+_WITH_VALUE = "frFNRVBLob"
 _MODES = {"m": "deliver", "s": "smtp", "p": "mailq", "i": "newaliases"}
 
 
 def parse_sendmail(argv: Sequence[str]) -> SendmailArgs:
-    """sendmail's flags (getopt style: stops at the first recipient or ``--``)."""
+    """sendmail's flags, as Sendmail's getopt takes them: flags may be clustered (``-ti``), a
+    value attached (``-fuser``, ``-oi``, ``-bs``) or in the next argument (``-tf user``);
+    parsing stops at the first recipient or ``--``."""
     args = SendmailArgs()
     i = 0
     while i < len(argv):
@@ -907,34 +910,29 @@ def parse_sendmail(argv: Sequence[str]) -> SendmailArgs:
             break
         if not arg.startswith("-") or arg == "-":
             break
-        flag, rest = arg[1], arg[2:]
-        if flag in _WITH_VALUE:
-            if not rest:
+        for at in range(1, len(arg)):
+            flag = arg[at]
+            if flag in _FLAGS:
+                if flag == "t":
+                    args.extract = True
+                elif flag == "i":
+                    args.ignore_dots = True
+                continue
+            if flag == "q":
+                if arg[at + 1 :]:
+                    raise UsageError(f"unsupported option -q{clean(arg[at + 1 :])}")
+                args.mode = "queue"
+                break
+            if flag not in _WITH_VALUE:
+                raise UsageError(f"unknown option -{clean(flag)} in {clean(arg)}")
+            value = arg[at + 1 :]
+            if not value:
                 i += 1
                 if i >= len(argv):
                     raise UsageError(f"option -{flag} needs a value")
-                rest = argv[i]
-            _sendmail_value(args, flag, rest)
-        elif flag == "o":
-            if not rest:
-                raise UsageError("option -o needs a letter")
-            if rest == "i":
-                args.ignore_dots = True
-            # other -oX options (-oem, -odi, -odb, …) are accepted and ignored
-        elif flag == "b":
-            if rest not in _MODES:
-                raise UsageError(f"unsupported mode -b{clean(rest)}")
-            args.mode = _MODES[rest]
-        elif arg == "-q":
-            args.mode = "queue"
-        elif all(c in "tiv" for c in arg[1:]):
-            for c in arg[1:]:
-                if c == "t":
-                    args.extract = True
-                elif c == "i":
-                    args.ignore_dots = True
-        else:
-            raise UsageError(f"unknown option {clean(arg)}")
+                value = argv[i]
+            _sendmail_value(args, flag, value)
+            break
         i += 1
     args.recipients = list(argv[i:])
     if args.mode not in ("deliver",) and args.recipients:
@@ -943,7 +941,15 @@ def parse_sendmail(argv: Sequence[str]) -> SendmailArgs:
 
 
 def _sendmail_value(args: SendmailArgs, flag: str, value: str) -> None:
-    if flag in "fr":
+    if flag == "b":
+        if value not in _MODES:
+            raise UsageError(f"unsupported mode -b{clean(value)}")
+        args.mode = _MODES[value]
+    elif flag == "o":
+        if value == "i":
+            args.ignore_dots = True
+        # other -oX options (-oem, -odi, -odb, …) are accepted and ignored
+    elif flag in "fr":
         args.sender = value
     elif flag == "F":
         args.fullname = " ".join(value.split())

@@ -655,6 +655,28 @@ def test_encrypt_from_the_command_line_and_stdin(tmp_path: Path) -> None:
             ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
             {"fullname": "CronDaemon", "ignore_dots": True, "recipients": ["root"]},
         ),
+        # clustered flags and attached values, as Sendmail's getopt takes them
+        (["-U"], {}),
+        (["-Uti"], {"extract": True, "ignore_dots": True}),
+        (["-it"], {"extract": True, "ignore_dots": True}),
+        (["-tf", "me@example.org"], {"extract": True, "sender": "me@example.org"}),
+        (["-tfme@example.org"], {"extract": True, "sender": "me@example.org"}),
+        (["-fuser", "bob"], {"sender": "user", "recipients": ["bob"]}),
+        (["-Uoi", "bob"], {"ignore_dots": True, "recipients": ["bob"]}),
+        (["-o", "i"], {"ignore_dots": True}),
+        (["-toem"], {"extract": True}),
+        (["-b", "s"], {"mode": "smtp"}),
+        (["-vbs"], {"mode": "smtp"}),
+        (["-Uq"], {"mode": "queue"}),
+        (
+            ["-tNnever", "-UR", "hdrs", "a@x.org"],
+            {"extract": True, "notify": "NEVER", "ret": "HDRS", "recipients": ["a@x.org"]},
+        ),
+        (
+            ["-tF", "Cron Daemon", "-iV", "id1"],
+            {"extract": True, "fullname": "Cron Daemon", "ignore_dots": True, "envid": "id1"},
+        ),
+        (["-tB", "8BITMIME", "-vL", "cron"], {"extract": True}),
     ],
 )
 def test_parse_sendmail(argv: list[str], expected: dict[str, Any]) -> None:
@@ -681,6 +703,12 @@ def test_parse_sendmail(argv: list[str], expected: dict[str, Any]) -> None:
         ["-tx"],
         ["-bp", "bob@example.org"],
         ["-q", "bob@example.org"],
+        ["-Ux"],
+        ["-tf"],
+        ["-tqR"],
+        ["-ib"],
+        ["-tbz"],
+        ["-tN", "sometimes"],
     ],
 )
 def test_parse_sendmail_usage_errors(argv: list[str]) -> None:
@@ -1285,9 +1313,7 @@ def test_mailq(
 def test_newaliases_and_q(
     daemon: Callable[[dict[str, Handler]], FakeDaemon], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake = daemon(
-        {"update table": ok({"tables": ["aliases"]}), "schedule": ok({"count": 2})}
-    )
+    fake = daemon({"update table": ok({"tables": ["aliases"]}), "schedule": ok({"count": 2})})
     assert cli(fake.path, "newaliases") == 0
     assert capsys.readouterr().out == "aliases: table updated\n"
     assert cli(fake.path, "sendmail", "-bi") == 0
@@ -1739,4 +1765,3 @@ def test_relay_turns_bare_lf_into_crlf_across_reads() -> None:
                     os.close(fd)
         ours.close()
         theirs.close()
-

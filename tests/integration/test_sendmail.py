@@ -198,6 +198,28 @@ def test_cron_pipeline_sendmail_t_oi(sm: Daemon, bindir: Path) -> None:
     assert header_values(hidden, "bcc") == []
 
 
+def test_sendmail_takes_clustered_flags_and_attached_values(sm: Daemon, bindir: Path) -> None:
+    """-U (initial submission) is accepted and ignored; -ti, -tf ADDR and -fADDR are read the
+    way Sendmail's getopt reads them."""
+    env = cron_env(sm, bindir)
+    for flags, sender in (
+        ("-U -ti", None),
+        ("-Uti -fjob@example.org", "job@example.org"),
+        ("-tf job2@example.org -oi", "job2@example.org"),
+        ("-itUfjob3@example.org", "job3@example.org"),
+    ):
+        tok = token()
+        message = f"To: alice@localhost\\nSubject: {tok}\\n\\n.\\nafter\\n"
+        script = f"printf '{message}' | sendmail {flags}"
+        result = shell(script, env, sm.home)
+        assert result.returncode == 0 and result.stderr == "", (flags, result)
+        stored = sm.wait_for_message(tok)
+        assert stored.rstrip(b"\n").endswith(b"\n.\nafter"), (flags, stored)  # -i: dots kept
+        return_path = stored.split(b"\n", 1)[0].decode()
+        expected = sender or f"{USER}@"
+        assert return_path.startswith(f"Return-Path: <{expected}"), (flags, return_path)
+
+
 def test_sendmail_takes_lines_longer_than_smtp_allows(sm: Daemon, bindir: Path) -> None:
     """Scripts write long lines (HTML, CSV, a long Subject); local enqueue keeps them whole, up
     and down, while an SMTP client's are still refused (test_rejections)."""
