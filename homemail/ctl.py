@@ -17,8 +17,9 @@ sendmail), 67 a recipient rejected, 69 the daemon is not running, 70 daemon inte
 **Sendmail.**  The message is read from stdin, given CRLF line endings and the ``From:``,
 ``Date:`` and ``Message-ID:`` headers it lacks, then submitted to the daemon as SMTP over the
 control socket (verb ``smtp``).  When the daemon is not running, or answers 4xx, the message is
-written to the offline spool (:mod:`homemail.offline`) and sendmail succeeds: the daemon picks it
-up when it starts.  Bare local names (``root``) are qualified with this host's name.
+written to the offline spool (:mod:`homemail.offline`; the one that daemon recorded beside its
+socket, see :func:`default_offline_dir`) and sendmail succeeds: the daemon picks it up when it
+starts.  Bare local names (``root``) are qualified with this host's name.
 
 **Password hashes** (``encrypt``): ``scrypt$N$r$p$SALT$HASH`` with N=16384, r=8, p=1, a random
 16-byte salt and a 32-byte key, SALT and HASH in standard base64 with padding.
@@ -181,17 +182,54 @@ def default_socket() -> str:
     return mine
 
 
-def default_offline_dir() -> str:
-    """$HOMEMAIL_OFFLINE, the system offline spool when writable, else the user-mode one."""
+def default_offline_dir(sock_path: str | None = None) -> str:
+    """Where sendmail leaves mail while the daemon is down.
+
+    $HOMEMAIL_OFFLINE; else the offline spool the daemon of ``sock_path`` recorded beside its
+    socket (``SOCKET.offline``, see :func:`recorded_offline_dir`); else the system daemon's
+    (recorded beside the system socket, or the usual place) when we may write there; else the
+    user-mode one.
+    """
     env = os.environ.get("HOMEMAIL_OFFLINE")
     if env:
         return env
-    if os.path.isdir(SYSTEM_OFFLINE) and os.access(SYSTEM_OFFLINE, os.W_OK | os.X_OK):
-        return SYSTEM_OFFLINE
+    if sock_path:
+        recorded = recorded_offline_dir(sock_path)
+        if recorded is not None:
+            return recorded
+    for system in (recorded_offline_dir(SYSTEM_SOCKET), SYSTEM_OFFLINE):
+        if system and os.path.isdir(system) and os.access(system, os.W_OK | os.X_OK):
+            return system
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
     return os.path.join(state, "homemail", "spool", "offline")
+
+
+def recorded_offline_dir(sock_path: str) -> str | None:
+    """The offline spool the daemon of ``sock_path`` recorded beside it, or None.
+
+    It is trusted as far as the socket would be: the link ``SOCKET.offline`` must be in a
+    directory :func:`untrusted_directory` accepts and belong to root or us, and lead to a
+    directory of root's or ours that is reached through such directories only.
+    """
+    link = os.path.abspath(sock_path) + offline.LOCATION_SUFFIX
+    uid = os.geteuid()
+    if untrusted_directory(os.path.dirname(link)) is not None:
+        return None
+    try:
+        st = os.lstat(link)
+        target = os.path.realpath(link)
+        st_target = os.stat(target)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, uid):
+        return None
+    if not stat.S_ISDIR(st_target.st_mode) or st_target.st_uid not in (0, uid):
+        return None
+    if untrusted_directory(target) is not None:
+        return None
+    return target
 
 
 def untrusted_directory(path: str) -> str | None:
@@ -1441,7 +1479,7 @@ def sendmail(argv: Sequence[str], sock_path: str) -> int:
     if result.fatal:
         raise Exit(EX_DATAERR, f"message refused: {result.fatal}")
     if result.temp:
-        spool(sender, result.temp, message, args)
+        spool(sender, result.temp, message, args, sock_path)
     return status
 
 
@@ -1462,9 +1500,10 @@ def offline_options(
     return options
 
 
-def spool(sender: str, rcpts: list[str], message: bytes, args: SendmailArgs) -> str:
-    """Leave the message in the offline spool for the daemon; raises Exit(EX_TEMPFAIL)."""
-    directory = default_offline_dir()
+def spool(sender: str, rcpts: list[str], message: bytes, args: SendmailArgs, sock_path: str) -> str:
+    """Leave the message in the offline spool of the daemon of ``sock_path``; raises
+    Exit(EX_TEMPFAIL)."""
+    directory = default_offline_dir(sock_path)
     options = offline_options(args, sender, rcpts, message)
     try:
         return offline.write(directory, sender, rcpts, message, options)

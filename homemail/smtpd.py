@@ -146,6 +146,14 @@ def system_default_config() -> str:
     return "\n".join(lines) + "\n"
 
 
+def record_offline_dir(socket_path: str, spool: str) -> None:
+    """Leave ``SOCKET.offline`` -> ``SPOOL/offline`` for sendmail while the daemon is down."""
+    try:
+        offline.record_location(socket_path, os.path.join(spool, "offline"))
+    except OSError as exc:
+        log.warning(f"cannot record the offline spool beside {socket_path}: {exc}")
+
+
 def load_config(path: str | None, *, system: bool = False) -> Config:
     """The file's configuration, or the embedded default (user mode creates its aliases)."""
     if path is not None:
@@ -718,6 +726,7 @@ class Daemon:
             self.channel.on_lost = self._stop.set
         else:
             await asyncio.to_thread(offline.prepare_dir, self.offline_dir())
+            await asyncio.to_thread(record_offline_dir, self.socket_path, self.spool)
             await self.pickup_offline()
         if self.agent_sock is not None:
             self.agent = WorkerChannel(self.agent_sock)
@@ -1069,6 +1078,7 @@ def run_system(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error(f"cannot start: {exc}")
         return EX_OSERR
+    record_offline_dir(socket_path, spool)
     parent_end, worker_end = channel_pair()
     sys.stderr.flush()
     pid = os.fork()

@@ -412,6 +412,7 @@ def test_default_offline_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.delenv("HOMEMAIL_OFFLINE")
     system = tmp_path / "var-spool-offline"
     monkeypatch.setattr(ctl, "SYSTEM_OFFLINE", str(system))
+    monkeypatch.setattr(ctl, "SYSTEM_SOCKET", str(tmp_path / "run-homemail" / "control.sock"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     assert ctl.default_offline_dir() == str(tmp_path / "state/homemail/spool/offline")
     assert ctl.default_offline_dir() == os.path.join(user_paths().spool, "offline")
@@ -419,6 +420,81 @@ def test_default_offline_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert ctl.default_offline_dir() == os.path.expanduser("~/.local/state/homemail/spool/offline")
     system.mkdir()
     assert ctl.default_offline_dir() == str(system)
+
+
+def test_the_offline_spool_recorded_beside_the_socket_is_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A daemon started with --spool records SPOOL/offline beside its socket: sendmail, knowing
+    only the socket, writes there while that daemon is down; $HOMEMAIL_OFFLINE still wins."""
+    monkeypatch.delenv("HOMEMAIL_OFFLINE", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(ctl, "SYSTEM_OFFLINE", str(tmp_path / "no-system-spool"))
+    monkeypatch.setattr(ctl, "SYSTEM_SOCKET", str(tmp_path / "no-system" / "control.sock"))
+    fallback = str(tmp_path / "state/homemail/spool/offline")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    sock = str(run / "ctl.sock")
+    spool = tmp_path / "spool" / "offline"
+    assert ctl.default_offline_dir(sock) == fallback  # no daemon ever recorded one
+    offline.record_location(sock, str(spool))
+    assert ctl.recorded_offline_dir(sock) is None  # the spool is not made yet
+    assert ctl.default_offline_dir(sock) == fallback
+    spool.mkdir(parents=True, mode=0o700)
+    assert ctl.recorded_offline_dir(sock) == str(spool)
+    assert ctl.default_offline_dir(sock) == str(spool)
+    assert ctl.default_offline_dir() == fallback  # another socket's daemon: not this one
+    monkeypatch.setenv("HOMEMAIL_OFFLINE", "/from/env")
+    assert ctl.default_offline_dir(sock) == "/from/env"
+    monkeypatch.delenv("HOMEMAIL_OFFLINE")
+
+    # the system daemon's record is the fallback's system spool, when we may write there
+    system_sock = tmp_path / "no-system" / "control.sock"
+    system_sock.parent.mkdir()
+    system_spool = tmp_path / "system-spool" / "offline"
+    system_spool.mkdir(parents=True)
+    offline.record_location(str(system_sock), str(system_spool))
+    assert ctl.default_offline_dir(str(tmp_path / "nothing-here.sock")) == str(system_spool)
+    assert ctl.default_offline_dir(sock) == str(spool)
+
+
+def test_an_offline_record_another_user_could_have_made_is_ignored(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shared = tmp_path / "shared"  # anyone may write in it, and it is not sticky
+    shared.mkdir()
+    shared.chmod(0o777)
+    offline.record_location(str(shared / "ctl.sock"), str(spool))
+    assert ctl.recorded_offline_dir(str(shared / "ctl.sock")) is None
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    offline.record_location(str(private / "ctl.sock"), str(shared))  # into a shared directory
+    assert ctl.recorded_offline_dir(str(private / "ctl.sock")) is None
+    (private / "file").write_text("x")
+    offline.record_location(str(private / "ctl.sock"), str(private / "file"))  # not a directory
+    assert ctl.recorded_offline_dir(str(private / "ctl.sock")) is None
+    os.unlink(private / "ctl.sock.offline")
+    (private / "ctl.sock.offline").mkdir()  # not a link
+    assert ctl.recorded_offline_dir(str(private / "ctl.sock")) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_an_offline_record_of_another_users_is_ignored(tmp_path: Path) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    sock = str(run / "ctl.sock")
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    offline.record_location(sock, str(spool))
+    assert ctl.recorded_offline_dir(sock) == str(spool)
+    os.chown(spool, nobody, -1)  # their spool, not ours
+    assert ctl.recorded_offline_dir(sock) is None
+    os.chown(spool, 0, -1)
+    os.lchown(run / "ctl.sock.offline", nobody, -1)  # their link
+    assert ctl.recorded_offline_dir(sock) is None
 
 
 # --- text layouts ---------------------------------------------------------------------------------

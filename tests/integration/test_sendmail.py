@@ -8,6 +8,7 @@ daemon down it goes to the offline spool and is delivered, exactly once, when th
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -542,6 +543,31 @@ def test_sendmail_while_down_is_delivered_once_when_the_daemon_starts(
     assert copies(daemon, tok) == 1 and copies(daemon, tok2) == 1
     assert copies(daemon, tok, daemon.dir / "Hidden") == 1
     assert ok(shell("mailq", env, daemon.home)) == "Mail queue is empty\n"
+
+
+def test_sendmail_while_down_finds_the_spool_of_the_daemon_behind_its_socket(
+    daemon: Daemon, bindir: Path
+) -> None:
+    """The daemon runs with --spool: sendmail knows only its socket (no HOMEMAIL_OFFLINE), and
+    still leaves the message where that daemon reads it at its next start."""
+    prepare(daemon).start(write=False)
+    link = Path(f"{daemon.socket}.offline")
+    assert link.is_symlink() and os.readlink(link) == str(daemon.spool / "offline")
+    assert daemon.stop() == 0
+    assert link.is_symlink() and not daemon.socket.exists()  # left in place at stop
+
+    env = cron_env(daemon, bindir)
+    assert "HOMEMAIL_OFFLINE" not in env
+    tok = token()
+    script = f"printf 'Subject: behind {tok}\\n\\nwhile down\\n' | sendmail -oi alice@localhost"
+    result = shell(script, env, daemon.home)
+    assert result.returncode == 0 and result.stderr == "", result
+    assert len(spooled(daemon.spool / "offline")) == 1
+    assert not (daemon.home / ".local").exists(), "written to the default user-mode spool"
+
+    daemon.start(write=False)
+    daemon.wait_for_message(tok)
+    assert poll(lambda: spooled(daemon.spool / "offline") == [], 5)
 
 
 def test_sendmail_while_down_of_a_message_over_the_size_limit_bounces_it_at_start(
