@@ -6,8 +6,13 @@ follows aliases recursively up to :data:`MAX_DEPTH` levels, tries ``user+tag`` b
 and a name that an alias maps to itself ends the recursion as a user (``bob: bob, alice``).
 
 The second half edits an aliases file in place for ``homemailctl alias`` and the tray app:
-comments, blank lines and the order of entries are kept, targets are validated, and the new
-file is written to a temporary file, checked by the table parser and renamed over the old one.
+comments, blank lines and the order of entries are kept, targets are validated (the alias as it
+would be is expanded by the caller's rules, so an entry that mail could not be delivered
+through is refused before anything is written), and the new file is written to a temporary
+file, checked by the table parser and renamed over the old one.
+Edits are serialized by a lock of this module: every writer is in one process (the daemon in
+user mode, from its threads; the privileged parent in system mode), so two edits at once cannot
+each read the old file and the second rename drop the first one's entry.
 
 Which users exist depends on the mode: in user mode only the user running the daemon can receive
 mail; in system mode every account with a home directory except root does.
@@ -21,6 +26,7 @@ import pwd
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +34,7 @@ from homemail.address import AddressError, check_local_part, parse_mailbox, spli
 from homemail.table import Table, TableError
 
 MAX_DEPTH = 10
+_EDIT_LOCK = threading.Lock()  # one read-modify-write of an aliases file at a time
 
 
 @dataclass(frozen=True)
@@ -272,33 +279,67 @@ def _write_lines(path: str, lines: list[str]) -> None:
         raise AliasEditError(409, f"cannot write {path}: {exc.strerror}") from None
 
 
-def add(path: str, name: str, targets: list[str]) -> None:
-    """Add an alias, or add targets to an existing one, keeping comments and order."""
+#: Expands an alias of a table as mail to it would be (the daemon's rules: its users, local
+#: domains and sub-address delimiter); raises ExpansionError when it cannot be delivered.
+CheckAlias = Callable[[str, Table], object]
+
+
+def add(path: str, name: str, targets: list[str], check: CheckAlias | None = None) -> None:
+    """Add an alias, or add targets to an existing one, keeping comments and order.
+
+    ``check`` is given the alias and the table as the edit would leave it; when it raises
+    ExpansionError the edit is refused (AliasEditError 400) and nothing is written.
+    """
     key = check_alias_name(name)
     new = [check_alias_target(t) for t in targets]
     if not new:
         raise AliasEditError(400, "an alias needs at least one target")
+    with _EDIT_LOCK:
+        _add(path, key, new, check)
+
+
+def _add(path: str, key: str, new: list[str], check: CheckAlias | None) -> None:
     lines = _read_lines(path)
-    for entry, start, end in _entry_spans(lines):
-        if entry != key:
-            continue
-        current = dict(read_entries(path)).get(key, [])
-        merged = current + [t for t in new if t.lower() not in {c.lower() for c in current}]
-        lines[start:end] = [f"{key}: {', '.join(merged)}\n"]
-        _write_lines(path, lines)
-        return
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    lines.append(f"{key}: {', '.join(new)}\n")
+    table = _current_table(path)
+    value = table.mapping.get(key, "")
+    current = [t.strip() for t in value.split(",") if t.strip()]
+    seen = {c.lower() for c in current}
+    merged = ", ".join(current + [t for t in new if t.lower() not in seen])
+    if check is not None:
+        edited = {**table.mapping, key: merged}
+        try:
+            check(key, Table(table.name, "map", table.source, [], edited))
+        except ExpansionError as exc:
+            raise AliasEditError(400, f"alias {key!r} not added: {exc.text}") from None
+    entry = f"{key}: {merged}\n"
+    for name, start, end in _entry_spans(lines):
+        if name == key:
+            lines[start:end] = [entry]
+            break
+    else:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines.append(entry)
     _write_lines(path, lines)
+
+
+def _current_table(path: str) -> Table:
+    """The aliases file as the table parser reads it (empty when there is no file yet)."""
+    try:
+        return Table.from_file("aliases", path)
+    except TableError as exc:
+        if not os.path.lexists(path):
+            return Table("aliases", "map", os.path.abspath(path))
+        raise AliasEditError(409, str(exc)) from None
 
 
 def remove(path: str, name: str) -> None:
     key = name.lower()
-    lines = _read_lines(path)
-    for entry, start, end in _entry_spans(lines):
-        if entry == key:
-            del lines[start:end]
-            _write_lines(path, lines)
-            return
+    with _EDIT_LOCK:
+        lines = _read_lines(path)
+        for entry, start, end in _entry_spans(lines):
+            if entry == key:
+                del lines[start:end]
+                _write_lines(path, lines)
+                return
     raise AliasEditError(404, f"no alias {name!r}")

@@ -1483,13 +1483,18 @@ def default_config_text(user: str, aliases_path: str | None = None) -> str:
     )
 
 
+def alias_tables(cfg: Config) -> list[str]:
+    """The tables that hold aliases: table "aliases", then each action's ``alias <table>``."""
+    names = ["aliases"] + [a.alias for a in cfg.actions.values() if a.alias]
+    return [name for name in dict.fromkeys(names) if name in cfg.tables]
+
+
 def aliases_file(cfg: Config) -> str | None:
     """The aliases file `alias list|add|remove` edit: table "aliases", else an action's."""
-    names = ["aliases"] + [a.alias for a in cfg.actions.values() if a.alias]
-    for name in names:
-        table = cfg.tables.get(name)
-        if table is not None and table.source is not None:
-            return table.source
+    for name in alias_tables(cfg):
+        source = cfg.tables[name].source
+        if source is not None:
+            return source
     return None
 
 

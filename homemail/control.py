@@ -487,9 +487,14 @@ async def _show_config(c: ControlConnection, req: Request) -> None:
 
 @handles("schedule")
 async def _schedule(c: ControlConnection, req: Request) -> None:
-    envs = c.find(proto.arg_str(req, "id"))
+    text = proto.arg_str(req, "id")
+    envs = c.find(text)
+    if text != "all" and all(env.paused for env in envs):
+        raise ProtocolError(
+            Code.CONFLICT, f"{text} is paused: resume it first (resume envelope {text})"
+        )
     count = 0
-    for env in envs:
+    for env in envs:  # a paused one is not scheduled, nor counted
         count += c.daemon.scheduler.schedule_now(env.evpid)
     c.send(proto.reply_ok(req.id, {"count": count}))
 
@@ -541,6 +546,12 @@ async def _reload(c: ControlConnection, req: Request) -> None:
 
 @handles("update table")
 async def _update_table(c: ControlConnection, req: Request) -> None:
+    if req.args.get("aliases") is True:  # newaliases: whichever tables hold the aliases
+        updated = await c.daemon.update_aliases()
+        if isinstance(updated, tuple):
+            raise ProtocolError(updated[0], updated[1])
+        c.send(proto.reply_ok(req.id, {"tables": updated}))
+        return
     name = proto.arg_str(req, "name")
     error = await c.daemon.update_table(name)
     if error is not None:

@@ -8,16 +8,18 @@ sendmail compatibility interface (``sendmail``, ``mailq``, ``newaliases`` by ``a
 :func:`verify_password`.  It imports only the standard library and homemail's stdlib-only
 modules, so it starts fast.
 
-**Exit codes** (sysexits): 0 ok, 1 no such envelope/table/alias, 64 usage, 65 bad data (or a 5xx
-from the daemon for sendmail), 67 a recipient rejected, 69 the daemon is not running, 70 daemon
-internal error, 75 temporary failure, 76 protocol error, 77 permission denied, 78 invalid
-configuration on ``reload``.
+**Exit codes** (sysexits): 0 ok, 1 no such envelope/table/alias or a conflict with its state
+(``schedule`` of a paused envelope), 64 usage, 65 bad data (or a 5xx from the daemon for
+sendmail), 67 a recipient rejected, 69 the daemon is not running, 70 daemon internal error,
+75 temporary failure, 76 protocol error, 77 permission denied, 78 invalid configuration on
+``reload``.
 
 **Sendmail.**  The message is read from stdin, given CRLF line endings and the ``From:``,
 ``Date:`` and ``Message-ID:`` headers it lacks, then submitted to the daemon as SMTP over the
 control socket (verb ``smtp``).  When the daemon is not running, or answers 4xx, the message is
-written to the offline spool (:mod:`homemail.offline`) and sendmail succeeds: the daemon picks it
-up when it starts.  Bare local names (``root``) are qualified with this host's name.
+written to the offline spool (:mod:`homemail.offline`; the one that daemon recorded beside its
+socket, see :func:`default_offline_dir`) and sendmail succeeds: the daemon picks it up when it
+starts.  Bare local names (``root``) are qualified with this host's name.
 
 **Password hashes** (``encrypt``): ``scrypt$N$r$p$SALT$HASH`` with N=16384, r=8, p=1, a random
 16-byte salt and a 32-byte key, SALT and HASH in standard base64 with padding.
@@ -97,7 +99,7 @@ The socket defaults to $HOMEMAIL_SOCKET, else the daemon's usual place.
 
 SENDMAIL_USAGE = """\
 usage: sendmail [-t] [-i|-oi] [-f|-r SENDER] [-F NAME] [-N DSN] [-R full|hdrs] [-V ENVID]
-                [-bm|-bs|-bp|-bi|-q] [-v] [-oX] [-B TYPE] [-L TAG] [--] [RECIPIENT...]
+                [-bm|-bs|-bp|-bi|-q] [-v] [-U] [-oX] [-B TYPE] [-L TAG] [--] [RECIPIENT...]
 """
 
 
@@ -180,17 +182,54 @@ def default_socket() -> str:
     return mine
 
 
-def default_offline_dir() -> str:
-    """$HOMEMAIL_OFFLINE, the system offline spool when writable, else the user-mode one."""
+def default_offline_dir(sock_path: str | None = None) -> str:
+    """Where sendmail leaves mail while the daemon is down.
+
+    $HOMEMAIL_OFFLINE; else the offline spool the daemon of ``sock_path`` recorded beside its
+    socket (``SOCKET.offline``, see :func:`recorded_offline_dir`); else the system daemon's
+    (recorded beside the system socket, or the usual place) when we may write there; else the
+    user-mode one.
+    """
     env = os.environ.get("HOMEMAIL_OFFLINE")
     if env:
         return env
-    if os.path.isdir(SYSTEM_OFFLINE) and os.access(SYSTEM_OFFLINE, os.W_OK | os.X_OK):
-        return SYSTEM_OFFLINE
+    if sock_path:
+        recorded = recorded_offline_dir(sock_path)
+        if recorded is not None:
+            return recorded
+    for system in (recorded_offline_dir(SYSTEM_SOCKET), SYSTEM_OFFLINE):
+        if system and os.path.isdir(system) and os.access(system, os.W_OK | os.X_OK):
+            return system
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
     return os.path.join(state, "homemail", "spool", "offline")
+
+
+def recorded_offline_dir(sock_path: str) -> str | None:
+    """The offline spool the daemon of ``sock_path`` recorded beside it, or None.
+
+    It is trusted as far as the socket would be: the link ``SOCKET.offline`` must be in a
+    directory :func:`untrusted_directory` accepts and belong to root or us, and lead to a
+    directory of root's or ours that is reached through such directories only.
+    """
+    link = os.path.abspath(sock_path) + offline.LOCATION_SUFFIX
+    uid = os.geteuid()
+    if untrusted_directory(os.path.dirname(link)) is not None:
+        return None
+    try:
+        st = os.lstat(link)
+        target = os.path.realpath(link)
+        st_target = os.stat(target)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, uid):
+        return None
+    if not stat.S_ISDIR(st_target.st_mode) or st_target.st_uid not in (0, uid):
+        return None
+    if untrusted_directory(target) is not None:
+        return None
+    return target
 
 
 def untrusted_directory(path: str) -> str | None:
@@ -864,9 +903,14 @@ def mailq(sock_path: str) -> int:
 
 
 def newaliases(sock_path: str) -> int:
+    """Have the daemon re-read the aliases files its configuration uses, whatever their names."""
     with ControlClient(sock_path) as client:
-        client.call("update table", name="aliases")
-    _write("aliases: table updated\n")
+        result = client.call("update table", aliases=True)
+    tables = result.get("tables") if isinstance(result, dict) else None
+    names = [t for t in tables if isinstance(t, str)] if isinstance(tables, list) else []
+    if not names:  # not an error: package scripts run newaliases after any change
+        _write("no aliases file in the configuration: nothing to re-read\n")
+    _write("".join(f"{clean(name)}: table updated\n" for name in names))
     return EX_OK
 
 
@@ -886,12 +930,15 @@ class SendmailArgs:
     recipients: list[str] = field(default_factory=list)
 
 
-_WITH_VALUE = "frFNRVBL"
+_FLAGS = "tivU"  # -t, -i; -v (verbose) and -U (initial user submission) are accepted
+_WITH_VALUE = "frFNRVBLob"
 _MODES = {"m": "deliver", "s": "smtp", "p": "mailq", "i": "newaliases"}
 
 
 def parse_sendmail(argv: Sequence[str]) -> SendmailArgs:
-    """sendmail's flags (getopt style: stops at the first recipient or ``--``)."""
+    """sendmail's flags, as Sendmail's getopt takes them: flags may be clustered (``-ti``), a
+    value attached (``-fuser``, ``-oi``, ``-bs``) or in the next argument (``-tf user``);
+    parsing stops at the first recipient or ``--``."""
     args = SendmailArgs()
     i = 0
     while i < len(argv):
@@ -901,34 +948,29 @@ def parse_sendmail(argv: Sequence[str]) -> SendmailArgs:
             break
         if not arg.startswith("-") or arg == "-":
             break
-        flag, rest = arg[1], arg[2:]
-        if flag in _WITH_VALUE:
-            if not rest:
+        for at in range(1, len(arg)):
+            flag = arg[at]
+            if flag in _FLAGS:
+                if flag == "t":
+                    args.extract = True
+                elif flag == "i":
+                    args.ignore_dots = True
+                continue
+            if flag == "q":
+                if arg[at + 1 :]:
+                    raise UsageError(f"unsupported option -q{clean(arg[at + 1 :])}")
+                args.mode = "queue"
+                break
+            if flag not in _WITH_VALUE:
+                raise UsageError(f"unknown option -{clean(flag)} in {clean(arg)}")
+            value = arg[at + 1 :]
+            if not value:
                 i += 1
                 if i >= len(argv):
                     raise UsageError(f"option -{flag} needs a value")
-                rest = argv[i]
-            _sendmail_value(args, flag, rest)
-        elif flag == "o":
-            if not rest:
-                raise UsageError("option -o needs a letter")
-            if rest == "i":
-                args.ignore_dots = True
-            # other -oX options (-oem, -odi, -odb, …) are accepted and ignored
-        elif flag == "b":
-            if rest not in _MODES:
-                raise UsageError(f"unsupported mode -b{clean(rest)}")
-            args.mode = _MODES[rest]
-        elif arg == "-q":
-            args.mode = "queue"
-        elif all(c in "tiv" for c in arg[1:]):
-            for c in arg[1:]:
-                if c == "t":
-                    args.extract = True
-                elif c == "i":
-                    args.ignore_dots = True
-        else:
-            raise UsageError(f"unknown option {clean(arg)}")
+                value = argv[i]
+            _sendmail_value(args, flag, value)
+            break
         i += 1
     args.recipients = list(argv[i:])
     if args.mode not in ("deliver",) and args.recipients:
@@ -937,7 +979,15 @@ def parse_sendmail(argv: Sequence[str]) -> SendmailArgs:
 
 
 def _sendmail_value(args: SendmailArgs, flag: str, value: str) -> None:
-    if flag in "fr":
+    if flag == "b":
+        if value not in _MODES:
+            raise UsageError(f"unsupported mode -b{clean(value)}")
+        args.mode = _MODES[value]
+    elif flag == "o":
+        if value == "i":
+            args.ignore_dots = True
+        # other -oX options (-oem, -odi, -odb, …) are accepted and ignored
+    elif flag in "fr":
         args.sender = value
     elif flag == "F":
         args.fullname = " ".join(value.split())
@@ -1315,17 +1365,33 @@ def _headers_ascii(message: bytes) -> bool:
     return (message if end < 0 else message[:end]).isascii()
 
 
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def bare_lf_to_crlf(data: bytes, after_cr: bool) -> bytes:
+    """``data`` with each LF not preceded by CR made CR LF; ``after_cr``: the bytes before
+    ``data`` ended with CR (so a LF at its start ends that line as it is)."""
+    if after_cr and data.startswith(b"\n"):
+        return b"\n" + _BARE_LF.sub(b"\r\n", data[1:])
+    return _BARE_LF.sub(b"\r\n", data)
+
+
 def relay(sock: socket.socket, infd: int, outfd: int) -> None:
-    """-bs: copy stdin to the SMTP session and its answers to stdout until it hangs up."""
+    """-bs: copy stdin to the SMTP session and its answers to stdout until it hangs up.
+
+    Lines may end with LF alone on stdin, as Sendmail allows: they reach the daemon as CR LF.
+    """
     sock.settimeout(None)
 
     def pump() -> None:
+        after_cr = False
         try:
             while True:
                 data = os.read(infd, 65536)
                 if not data:
                     break
-                sock.sendall(data)
+                sock.sendall(bare_lf_to_crlf(data, after_cr))
+                after_cr = data.endswith(b"\r")
         except OSError:
             pass
         finally:
@@ -1413,7 +1479,7 @@ def sendmail(argv: Sequence[str], sock_path: str) -> int:
     if result.fatal:
         raise Exit(EX_DATAERR, f"message refused: {result.fatal}")
     if result.temp:
-        spool(sender, result.temp, message, args)
+        spool(sender, result.temp, message, args, sock_path)
     return status
 
 
@@ -1434,9 +1500,10 @@ def offline_options(
     return options
 
 
-def spool(sender: str, rcpts: list[str], message: bytes, args: SendmailArgs) -> str:
-    """Leave the message in the offline spool for the daemon; raises Exit(EX_TEMPFAIL)."""
-    directory = default_offline_dir()
+def spool(sender: str, rcpts: list[str], message: bytes, args: SendmailArgs, sock_path: str) -> str:
+    """Leave the message in the offline spool of the daemon of ``sock_path``; raises
+    Exit(EX_TEMPFAIL)."""
+    directory = default_offline_dir(sock_path)
     options = offline_options(args, sender, rcpts, message)
     try:
         return offline.write(directory, sender, rcpts, message, options)

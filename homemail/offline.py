@@ -38,6 +38,12 @@ start is read.  No more than :data:`MAX_SIZE` is ever read, whatever the limit.
 
 **Passing on.**  In system mode the root parent reads and checks the files, and hands each to
 the unprivileged worker in this same format (:func:`encode`, :func:`decode`), in a descriptor.
+
+**Where it is.**  At start the daemon records its offline spool beside its control socket: a
+symbolic link ``SOCKET.offline`` whose target is the directory's absolute path
+(:func:`record_location`; a new link renamed over the old one, left in place at stop).  So
+``sendmail``, which knows only the socket, finds the spool of a daemon started with ``--spool``
+while that daemon is down.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ MAX_HEADER = 256 * 1024
 #: (returned in the bounce).
 KEPT_OF_REFUSED = 64 * 1024
 TMP_PREFIX = ".tmp-"
+LOCATION_SUFFIX = ".offline"  # SOCKET.offline: the link to the spool of SOCKET's daemon
 
 
 class OfflineError(Exception):
@@ -123,6 +130,27 @@ def prepare_dir(directory: str) -> None:
         raise OfflineError(f"{directory} is a symlink")
     if not stat.S_ISDIR(st.st_mode):
         raise OfflineError(f"{directory} is not a directory")
+
+
+def record_location(socket_path: str, directory: str) -> None:
+    """Point ``SOCKET.offline`` at *directory*, atomically; raises OSError."""
+    link = socket_path + LOCATION_SUFFIX
+    target = os.path.abspath(directory)
+    try:
+        if os.readlink(link) == target:
+            return
+    except OSError:
+        pass
+    tmp = f"{link}.{secrets.token_hex(8)}"
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _check_name(name: str) -> None:

@@ -414,8 +414,8 @@ class Parent:
         try:
             if path is None:
                 raise aliases.AliasEditError(409, "the configuration names no aliases file")
-            if op == "add":
-                aliases.add(path, name, targets)
+            if op == "add":  # checked against the rules here, where the file is written
+                aliases.add(path, name, targets, self.ruleset.check_alias)
             else:
                 aliases.remove(path, name)
         except aliases.AliasEditError as exc:

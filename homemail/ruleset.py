@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from homemail.address import Address
 from homemail.aliases import ExpansionError, UserDb, expand
 from homemail.config import Config, Match
+from homemail.table import Table
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,17 @@ class Ruleset:
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.local
+
+    def check_alias(self, name: str, table: Table) -> None:
+        """Expand alias ``name`` of ``table`` as mail to it would be; raises ExpansionError
+        when it leads to a target this release cannot deliver to, or to nobody."""
+        expand(
+            name,
+            table,
+            self.users,
+            delim=self.cfg.sub_addr_delim,
+            is_local_domain=self.is_local_domain,
+        )
 
     def _table_has(self, name: str | None, key: str) -> bool:
         table = self.cfg.tables.get(name or "")

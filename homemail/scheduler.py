@@ -81,13 +81,16 @@ class Scheduler:
         self._pump()
 
     def schedule_now(self, evpid: int | None = None) -> int:
-        """Make one envelope (or all, for None) due now; returns how many."""
+        """Make one envelope (or all, for None) due now; returns how many.
+
+        A paused envelope is left alone (and not counted): resuming it schedules it.
+        """
         now = time.time()
         if evpid is None:
-            chosen = list(self.envelopes.values())
+            chosen = [env for env in self.envelopes.values() if not env.paused]
         else:
             env = self.envelopes.get(evpid)
-            chosen = [env] if env is not None else []
+            chosen = [env] if env is not None and not env.paused else []
         for env in chosen:
             env.next_try = now
             heapq.heappush(self._heap, (now, env.evpid))

@@ -40,6 +40,7 @@ from homemail.config import (
     ConfigError,
     Listener,
     Location,
+    alias_tables,
     aliases_file,
     default_aliases_text,
     default_config_text,
@@ -143,6 +144,14 @@ def system_default_config() -> str:
         lines.append('action "local" maildir')
     lines += ["listen on localhost", 'match from local for local action "local"']
     return "\n".join(lines) + "\n"
+
+
+def record_offline_dir(socket_path: str, spool: str) -> None:
+    """Leave ``SOCKET.offline`` -> ``SPOOL/offline`` for sendmail while the daemon is down."""
+    try:
+        offline.record_location(socket_path, os.path.join(spool, "offline"))
+    except OSError as exc:
+        log.warning(f"cannot record the offline spool beside {socket_path}: {exc}")
 
 
 def load_config(path: str | None, *, system: bool = False) -> Config:
@@ -650,11 +659,12 @@ class Daemon:
                 {"type": "alias", "op": op, "name": name, "targets": targets}
             )
             if not result.get("ok"):
-                code = 404 if result.get("status") == "404" else 409
+                status = result.get("status")
+                code = int(status) if status in ("400", "404", "409") else 409
                 raise AliasEditError(code, str(result.get("text", "alias edit refused")))
             return
-        if op == "add":
-            await asyncio.to_thread(aliases_add, path, name, targets)
+        if op == "add":  # checked against the rules as they are when the file is written
+            await asyncio.to_thread(aliases_add, path, name, targets, self.ctx.ruleset.check_alias)
         else:
             await asyncio.to_thread(aliases_remove, path, name)
 
@@ -675,6 +685,16 @@ class Daemon:
         log.event("-", "control", "table-updated", table=name)
         self.publish("table-updated", {"table": name})
         return None
+
+    async def update_aliases(self) -> tuple[Code, str] | list[str]:
+        """newaliases: re-read every aliases file the configuration uses; the tables' names
+        (none when the aliases are inline, or there are none)."""
+        names = [n for n in alias_tables(self.cfg) if self.cfg.tables[n].source is not None]
+        for name in names:
+            error = await self.update_table(name)
+            if error is not None:
+                return error
+        return names
 
     async def update_table_by_path(self, path: str) -> str | None:
         for name, table in list(self.cfg.tables.items()):
@@ -706,6 +726,7 @@ class Daemon:
             self.channel.on_lost = self._stop.set
         else:
             await asyncio.to_thread(offline.prepare_dir, self.offline_dir())
+            await asyncio.to_thread(record_offline_dir, self.socket_path, self.spool)
             await self.pickup_offline()
         if self.agent_sock is not None:
             self.agent = WorkerChannel(self.agent_sock)
@@ -1070,6 +1091,7 @@ def run_system(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error(f"cannot start: {exc}")
         return EX_OSERR
+    record_offline_dir(socket_path, spool)
     parent_end, worker_end = channel_pair()
     sys.stderr.flush()
     pid = os.fork()

@@ -14,6 +14,8 @@ from homemail.config import (
     Listener,
     Location,
     Match,
+    alias_tables,
+    aliases_file,
     default_config_text,
     dump,
     open_relay_warnings,
@@ -810,6 +812,22 @@ def test_action_alias_accepts_an_empty_file(tmp_path: Path) -> None:
         f'table a "{tmp_path / "aliases"}"\naction "x" maildir alias <a>\nmatch action "x"\n'
     )
     assert cfg.actions["x"].alias == "a"
+
+
+def test_alias_tables_are_the_ones_the_actions_name(tmp_path: Path) -> None:
+    for name in ("myal", "staff"):
+        (tmp_path / name).write_text("x: y\n")
+    cfg = parse(
+        f'table myal "{tmp_path / "myal"}"\ntable staff "file:{tmp_path / "staff"}"\n'
+        "table other { a = b }\n"
+        'action "a" maildir alias <staff>\naction "b" mbox alias <myal>\n'
+        'action "c" maildir alias <staff>\nmatch action "a"\n'
+    )
+    assert alias_tables(cfg) == ["staff", "myal"]
+    assert aliases_file(cfg) == str(tmp_path / "staff")
+    cfg = parse('table aliases { a = b }\naction "a" maildir\nmatch action "a"\n')
+    assert alias_tables(cfg) == ["aliases"]
+    assert aliases_file(cfg) is None
 
 
 def test_action_alias_without_angle_brackets() -> None:

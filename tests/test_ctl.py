@@ -4,6 +4,7 @@ side of the control socket against a small fake daemon (a real Unix socket in tm
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -411,6 +412,7 @@ def test_default_offline_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.delenv("HOMEMAIL_OFFLINE")
     system = tmp_path / "var-spool-offline"
     monkeypatch.setattr(ctl, "SYSTEM_OFFLINE", str(system))
+    monkeypatch.setattr(ctl, "SYSTEM_SOCKET", str(tmp_path / "run-homemail" / "control.sock"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     assert ctl.default_offline_dir() == str(tmp_path / "state/homemail/spool/offline")
     assert ctl.default_offline_dir() == os.path.join(user_paths().spool, "offline")
@@ -418,6 +420,81 @@ def test_default_offline_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert ctl.default_offline_dir() == os.path.expanduser("~/.local/state/homemail/spool/offline")
     system.mkdir()
     assert ctl.default_offline_dir() == str(system)
+
+
+def test_the_offline_spool_recorded_beside_the_socket_is_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A daemon started with --spool records SPOOL/offline beside its socket: sendmail, knowing
+    only the socket, writes there while that daemon is down; $HOMEMAIL_OFFLINE still wins."""
+    monkeypatch.delenv("HOMEMAIL_OFFLINE", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(ctl, "SYSTEM_OFFLINE", str(tmp_path / "no-system-spool"))
+    monkeypatch.setattr(ctl, "SYSTEM_SOCKET", str(tmp_path / "no-system" / "control.sock"))
+    fallback = str(tmp_path / "state/homemail/spool/offline")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    sock = str(run / "ctl.sock")
+    spool = tmp_path / "spool" / "offline"
+    assert ctl.default_offline_dir(sock) == fallback  # no daemon ever recorded one
+    offline.record_location(sock, str(spool))
+    assert ctl.recorded_offline_dir(sock) is None  # the spool is not made yet
+    assert ctl.default_offline_dir(sock) == fallback
+    spool.mkdir(parents=True, mode=0o700)
+    assert ctl.recorded_offline_dir(sock) == str(spool)
+    assert ctl.default_offline_dir(sock) == str(spool)
+    assert ctl.default_offline_dir() == fallback  # another socket's daemon: not this one
+    monkeypatch.setenv("HOMEMAIL_OFFLINE", "/from/env")
+    assert ctl.default_offline_dir(sock) == "/from/env"
+    monkeypatch.delenv("HOMEMAIL_OFFLINE")
+
+    # the system daemon's record is the fallback's system spool, when we may write there
+    system_sock = tmp_path / "no-system" / "control.sock"
+    system_sock.parent.mkdir()
+    system_spool = tmp_path / "system-spool" / "offline"
+    system_spool.mkdir(parents=True)
+    offline.record_location(str(system_sock), str(system_spool))
+    assert ctl.default_offline_dir(str(tmp_path / "nothing-here.sock")) == str(system_spool)
+    assert ctl.default_offline_dir(sock) == str(spool)
+
+
+def test_an_offline_record_another_user_could_have_made_is_ignored(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shared = tmp_path / "shared"  # anyone may write in it, and it is not sticky
+    shared.mkdir()
+    shared.chmod(0o777)
+    offline.record_location(str(shared / "ctl.sock"), str(spool))
+    assert ctl.recorded_offline_dir(str(shared / "ctl.sock")) is None
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    offline.record_location(str(private / "ctl.sock"), str(shared))  # into a shared directory
+    assert ctl.recorded_offline_dir(str(private / "ctl.sock")) is None
+    (private / "file").write_text("x")
+    offline.record_location(str(private / "ctl.sock"), str(private / "file"))  # not a directory
+    assert ctl.recorded_offline_dir(str(private / "ctl.sock")) is None
+    os.unlink(private / "ctl.sock.offline")
+    (private / "ctl.sock.offline").mkdir()  # not a link
+    assert ctl.recorded_offline_dir(str(private / "ctl.sock")) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_an_offline_record_of_another_users_is_ignored(tmp_path: Path) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    sock = str(run / "ctl.sock")
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    offline.record_location(sock, str(spool))
+    assert ctl.recorded_offline_dir(sock) == str(spool)
+    os.chown(spool, nobody, -1)  # their spool, not ours
+    assert ctl.recorded_offline_dir(sock) is None
+    os.chown(spool, 0, -1)
+    os.lchown(run / "ctl.sock.offline", nobody, -1)  # their link
+    assert ctl.recorded_offline_dir(sock) is None
 
 
 # --- text layouts ---------------------------------------------------------------------------------
@@ -654,6 +731,28 @@ def test_encrypt_from_the_command_line_and_stdin(tmp_path: Path) -> None:
             ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
             {"fullname": "CronDaemon", "ignore_dots": True, "recipients": ["root"]},
         ),
+        # clustered flags and attached values, as Sendmail's getopt takes them
+        (["-U"], {}),
+        (["-Uti"], {"extract": True, "ignore_dots": True}),
+        (["-it"], {"extract": True, "ignore_dots": True}),
+        (["-tf", "me@example.org"], {"extract": True, "sender": "me@example.org"}),
+        (["-tfme@example.org"], {"extract": True, "sender": "me@example.org"}),
+        (["-fuser", "bob"], {"sender": "user", "recipients": ["bob"]}),
+        (["-Uoi", "bob"], {"ignore_dots": True, "recipients": ["bob"]}),
+        (["-o", "i"], {"ignore_dots": True}),
+        (["-toem"], {"extract": True}),
+        (["-b", "s"], {"mode": "smtp"}),
+        (["-vbs"], {"mode": "smtp"}),
+        (["-Uq"], {"mode": "queue"}),
+        (
+            ["-tNnever", "-UR", "hdrs", "a@x.org"],
+            {"extract": True, "notify": "NEVER", "ret": "HDRS", "recipients": ["a@x.org"]},
+        ),
+        (
+            ["-tF", "Cron Daemon", "-iV", "id1"],
+            {"extract": True, "fullname": "Cron Daemon", "ignore_dots": True, "envid": "id1"},
+        ),
+        (["-tB", "8BITMIME", "-vL", "cron"], {"extract": True}),
     ],
 )
 def test_parse_sendmail(argv: list[str], expected: dict[str, Any]) -> None:
@@ -680,6 +779,12 @@ def test_parse_sendmail(argv: list[str], expected: dict[str, Any]) -> None:
         ["-tx"],
         ["-bp", "bob@example.org"],
         ["-q", "bob@example.org"],
+        ["-Ux"],
+        ["-tf"],
+        ["-tqR"],
+        ["-ib"],
+        ["-tbz"],
+        ["-tN", "sometimes"],
     ],
 )
 def test_parse_sendmail_usage_errors(argv: list[str]) -> None:
@@ -1284,19 +1389,25 @@ def test_mailq(
 def test_newaliases_and_q(
     daemon: Callable[[dict[str, Handler]], FakeDaemon], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake = daemon({"update table": ok({"table": "aliases"}), "schedule": ok({"count": 2})})
+    fake = daemon({"update table": ok({"tables": ["aliases"]}), "schedule": ok({"count": 2})})
     assert cli(fake.path, "newaliases") == 0
     assert capsys.readouterr().out == "aliases: table updated\n"
     assert cli(fake.path, "sendmail", "-bi") == 0
     assert cli(fake.path, "sendmail", "-q") == 0
     assert capsys.readouterr().out == "aliases: table updated\n2 envelopes scheduled\n"
     assert [r.verb for r in fake.requests] == ["update table", "update table", "schedule"]
-    assert [r.args for r in fake.requests] == [
-        {"name": "aliases"},
-        {"name": "aliases"},
+    assert [r.args for r in fake.requests] == [  # the daemon knows which tables hold aliases
+        {"aliases": True},
+        {"aliases": True},
         {"id": "all"},
     ]
-    fake.handlers["update table"] = error(Code.NOT_FOUND, "no table 'aliases'")
+    fake.handlers["update table"] = ok({"tables": ["myal", "staff"]})
+    assert cli(fake.path, "newaliases") == 0
+    assert capsys.readouterr().out == "myal: table updated\nstaff: table updated\n"
+    fake.handlers["update table"] = ok({"tables": []})
+    assert cli(fake.path, "newaliases") == 0
+    assert capsys.readouterr().out == "no aliases file in the configuration: nothing to re-read\n"
+    fake.handlers["update table"] = error(Code.CONFLICT, "aliases:3: bad line")
     assert cli(fake.path, "newaliases") == ctl.EX_NOTFOUND
 
 
@@ -1644,3 +1755,89 @@ def test_sendmail_bs_relays_both_ways(
     assert done.stdout.startswith(b"220 fake ESMTP\r\n250-fake\r\n")
     assert done.stdout.endswith(b"250 ok\r\n221 bye\r\n")
     assert smtp.lines == [b"EHLO me\r\n", b"NOOP\r\n", b"QUIT\r\n"]
+
+
+def test_sendmail_bs_takes_lf_line_endings(
+    daemon: Callable[[dict[str, Handler]], FakeDaemon], tmp_path: Path
+) -> None:
+    smtp = FakeSMTP()
+    fake = daemon({"smtp": smtp})
+    done = subprocess.run(
+        [linked(tmp_path, "sendmail"), "-bs"],
+        input=b"EHLO me\nMAIL FROM:<u@x.org>\nRCPT TO:<v@x.org>\nDATA\nSubject: x\n\nhi\n.\nQUIT\n",
+        capture_output=True,
+        env=env_for(tmp_path, HOMEMAIL_SOCKET=fake.path),
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(b"354 go ahead\r\n250 queued\r\n221 bye\r\n"), done.stdout
+    assert smtp.message == b"Subject: x\r\n\r\nhi\r\n"
+    assert smtp.lines[-1] == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "after_cr", "expected"),
+    [
+        (b"EHLO me\nQUIT\n", False, b"EHLO me\r\nQUIT\r\n"),
+        (b"EHLO me\r\nQUIT\r\n", False, b"EHLO me\r\nQUIT\r\n"),
+        (b"\nQUIT\n", True, b"\nQUIT\r\n"),  # the CR came in the previous read
+        (b"\nQUIT\n", False, b"\r\nQUIT\r\n"),
+        (b"\n\n", True, b"\n\r\n"),
+        (b"a\rb\r", False, b"a\rb\r"),  # a lone CR is left as it is
+        (b"", True, b""),
+    ],
+)
+def test_bare_lf_to_crlf(data: bytes, after_cr: bool, expected: bytes) -> None:
+    assert ctl.bare_lf_to_crlf(data, after_cr) == expected
+
+
+def test_bare_lf_to_crlf_does_not_depend_on_where_reads_end() -> None:
+    data = b"EHLO me\nMAIL FROM:<a@b>\r\n\r\nDATA\n\nx\r\r\n.\nQUIT\r\n"
+    whole = ctl.bare_lf_to_crlf(data, False)
+    assert whole == b"EHLO me\r\nMAIL FROM:<a@b>\r\n\r\nDATA\r\n\r\nx\r\r\n.\r\nQUIT\r\n"
+    for cut in range(len(data) + 1):
+        first, second = data[:cut], data[cut:]
+        out = ctl.bare_lf_to_crlf(first, False)
+        out += ctl.bare_lf_to_crlf(second, first.endswith(b"\r"))
+        assert out == whole, cut
+
+
+def test_relay_turns_bare_lf_into_crlf_across_reads() -> None:
+    """-bs: a CR at the end of one read and its LF at the start of the next stay one CR LF."""
+    ours, theirs = socket.socketpair()
+    infd, feed = os.pipe()
+    outfd, out = os.pipe()
+    relay = threading.Thread(target=ctl.relay, args=(ours, infd, out), daemon=True)
+    relay.start()
+    got = bytearray()
+
+    def receive_until(end: bytes) -> None:
+        theirs.settimeout(10)
+        while not got.endswith(end):
+            chunk = theirs.recv(65536)
+            assert chunk, bytes(got)
+            got.extend(chunk)
+
+    try:
+        os.write(feed, b"EHLO me\r")
+        receive_until(b"EHLO me\r")  # read and sent on its own: the LF comes in another read
+        os.write(feed, b"\nMAIL FROM:<u@localhost>\nDATA\n")
+        receive_until(b"DATA\r\n")
+        os.write(feed, b"\n")
+        receive_until(b"DATA\r\n\r\n")
+        os.close(feed)
+        feed = -1
+        assert theirs.recv(65536) == b""  # stdin's end: the session's sending side is shut
+        assert bytes(got) == b"EHLO me\r\nMAIL FROM:<u@localhost>\r\nDATA\r\n\r\n"
+        theirs.sendall(b"221 bye\r\n")
+        theirs.close()
+        relay.join(10)
+        assert not relay.is_alive()
+        assert os.read(outfd, 65536) == b"221 bye\r\n"
+    finally:
+        for fd in (infd, outfd, out, feed):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        ours.close()
+        theirs.close()

@@ -216,6 +216,30 @@ def test_prepare_dir(tmp_path: Path) -> None:
         offline.prepare_dir(str(tmp_path / "link"))
 
 
+def test_record_location_leaves_a_link_beside_the_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = tmp_path / "run" / "control.sock"
+    sock.parent.mkdir()
+    link = tmp_path / "run" / "control.sock.offline"
+    offline.record_location(str(sock), str(tmp_path / "spool" / "offline"))
+    assert os.readlink(link) == str(tmp_path / "spool" / "offline")
+    monkeypatch.chdir(tmp_path)  # a relative spool is recorded as the absolute path
+    offline.record_location(str(sock), "other/offline")
+    assert os.readlink(link) == str(tmp_path / "other" / "offline")
+    offline.record_location(str(sock), "other/offline")  # the same again: left as it is
+    assert os.readlink(link) == str(tmp_path / "other" / "offline")
+    assert sorted(os.listdir(sock.parent)) == ["control.sock.offline"]  # no temporary left
+
+
+def test_record_location_fails_cleanly_over_a_directory(tmp_path: Path) -> None:
+    sock = tmp_path / "control.sock"
+    (tmp_path / "control.sock.offline").mkdir()
+    with pytest.raises(OSError):
+        offline.record_location(str(sock), str(tmp_path / "spool"))
+    assert sorted(os.listdir(tmp_path)) == ["control.sock.offline"]
+
+
 def test_cleanup_stale_removes_only_old_tmp_files(tmp_path: Path) -> None:
     d = spool(tmp_path)
     name = write_one(d)

@@ -161,6 +161,21 @@ async def test_pause_holds_deliveries_and_schedule_now_releases():
     assert not h.queue.envelopes
 
 
+async def test_schedule_now_leaves_paused_envelopes_alone():
+    h = Harness([], retry_base=100)
+    held, other = envelope(), envelope()
+    held.paused = True
+    held.next_try = other.next_try = time.time() + 1000
+    await h.add(held)
+    await h.add(other)
+    task = asyncio.create_task(h.sched.run())
+    assert h.sched.schedule_now(held.evpid) == 0
+    assert h.sched.schedule_now() == 1
+    await stop_when(h, task, lambda: list(h.queue.envelopes) == [held.evpid])
+    assert list(h.queue.envelopes) == [held.evpid]
+    assert len(h.attempts) == 1  # the other one's
+
+
 async def test_unexpected_exception_is_a_tempfail_not_a_loss():
     h = Harness([], retry_base=100)
 

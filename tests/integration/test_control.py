@@ -416,6 +416,30 @@ def test_pause_envelope_stays_queued_through_schedule_all(ctld: Daemon) -> None:
     wait_queue(ctld, "emptied", lambda q: not q)
 
 
+def test_schedule_leaves_a_paused_envelope_alone_and_says_so(ctld: Daemon) -> None:
+    held, other = defer(ctld, 2)
+    assert ok(run_ctl(ctld, "pause", "envelope", held.evpid)).strip() == "1 envelope paused"
+    for ident in (held.evpid, held.msgid):
+        refused = run_ctl(ctld, "schedule", ident)
+        assert refused.returncode == 1, refused
+        assert refused.stdout == ""
+        assert f"{ident} is paused: resume it first" in refused.stderr, refused.stderr
+
+    repair_flaky(ctld)
+    assert ok(run_ctl(ctld, "schedule", "all")).strip() == "1 envelope scheduled"
+    ctld.wait_for_message(other.token, flaky_dir(ctld))
+    envs = queue_json(ctld)
+    assert list(envs) == [held.evpid], envs
+    assert envs[held.evpid]["state"] == "paused"
+    assert envs[held.evpid]["retry"] == 1, "a paused envelope was tried"
+    assert ctl_json(ctld, "schedule", "all") == {"count": 0}
+    assert delivered(ctld, held.token, flaky_dir(ctld)) == 0
+
+    assert ok(run_ctl(ctld, "resume", "envelope", held.evpid)).strip() == "1 envelope resumed"
+    ctld.wait_for_message(held.token, flaky_dir(ctld))
+    wait_queue(ctld, "emptied", lambda q: not q)
+
+
 def test_pause_mda_holds_new_mail_until_resume(ctld: Daemon) -> None:
     assert ok(run_ctl(ctld, "pause", "mda")).strip() == "mda paused"
     assert ctl_json(ctld, "show", "status")["mda"] == "paused"
@@ -529,10 +553,10 @@ def test_alias_list_add_remove_edit_the_file_in_place(ctld: Daemon) -> None:
     assert aliases.stat().st_ino != inode, "the file was rewritten in place, not renamed over"
     assert sorted(p.name for p in ctld.dir.iterdir() if p.name.startswith(".")) == []
 
-    assert ctl_json(ctld, "alias", "add", "carol", "bob", "dave@localhost") == {
+    assert ctl_json(ctld, "alias", "add", "carol", "bob", f"{USER}+tag@localhost") == {
         "file": str(aliases)
     }
-    assert aliases.read_text() == original + f"carol: {USER}, bob, dave@localhost\n"
+    assert aliases.read_text() == original + f"carol: {USER}, bob, {USER}+tag@localhost\n"
 
     before = aliases.read_bytes()
     for bad in (["dave", "|/bin/sh -c id"], ["dave", "two words"], ["bad name", USER]):
@@ -545,14 +569,81 @@ def test_alias_list_add_remove_edit_the_file_in_place(ctld: Daemon) -> None:
     assert ok(run_ctl(ctld, "alias", "remove", "alice")).strip() == "alias alice removed"
     assert rcpt_code(ctld, "alice@localhost") == 550
     text = aliases.read_text()
-    assert (
-        text == original.replace(f"alice: {USER}\n", "") + f"carol: {USER}, bob, dave@localhost\n"
+    assert text == original.replace(f"alice: {USER}\n", "") + (
+        f"carol: {USER}, bob, {USER}+tag@localhost\n"
     )
     assert text.startswith("# aliases for the control tests: this comment must survive")
     assert "# flaky mail goes to a maildir that fails temporarily\n" in text
 
     missing = run_ctl(ctld, "alias", "remove", "alice")
     assert missing.returncode == 1 and "no alias" in missing.stderr, missing
+
+
+def test_alias_add_refuses_targets_mail_could_not_be_delivered_to(ctld: Daemon) -> None:
+    """A remote address, a file, a command, or a name that is no user and no alias: mail to
+    the alias would be refused at RCPT, so the alias is refused and the file left alone."""
+    aliases = ctld.dir / "aliases"
+    before = aliases.read_bytes()
+    refusals = {
+        "friend@example.com": "remote addresses need relaying",
+        "/tmp/file": "files and commands are not supported yet",
+        "|cmd": "files and commands are not supported yet",
+        "nosuchname": "no such user or alias",
+        "nosuchname@localhost": "no such user or alias",
+    }
+    for target, why in refusals.items():
+        for name in ("dave", "bob"):  # a new alias, and a target added to an existing one
+            result = run_ctl(ctld, "alias", "add", name, USER, target)
+            assert result.returncode == 65, (target, result)
+            assert f"alias {name!r} not added" in result.stderr, result.stderr
+            assert why in result.stderr and repr(target) in result.stderr, result.stderr
+            assert aliases.read_bytes() == before, f"{target} changed the file"
+    assert rcpt_code(ctld, "dave@localhost") == 550
+    assert rcpt_code(ctld, "bob@localhost") == 250
+
+    # a target that is an alias (itself a user's) or a user's sub-address is fine
+    assert ok(run_ctl(ctld, "alias", "add", "dave", "alice", f"{USER}+x")).strip() == (
+        "alias dave added"
+    )
+    assert ok(run_ctl(ctld, "alias", "add", "erin", "dave")).strip() == "alias erin added"
+    assert rcpt_code(ctld, "erin@localhost") == 250
+
+
+def test_concurrent_alias_edits_all_land(ctld: Daemon) -> None:
+    aliases = ctld.dir / "aliases"
+    names = [f"conc{i}" for i in range(12)]
+    procs = [
+        subprocess.Popen(
+            [*HOMEMAILCTL, "--socket", str(ctld.socket), "alias", "add", name, USER],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ctl_env(ctld),
+        )
+        for name in names
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (out, err)
+    text = aliases.read_text()
+    assert [n for n in names if f"\n{n}: {USER}\n" not in text] == [], text
+    listed = ok(run_ctl(ctld, "alias", "list")).splitlines()
+    assert {f"{n}: {USER}" for n in names} <= set(listed), listed
+
+    procs = [
+        subprocess.Popen(
+            [*HOMEMAILCTL, "--socket", str(ctld.socket), "alias", "remove", name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ctl_env(ctld),
+        )
+        for name in names
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (out, err)
+    assert aliases.read_text() == ctld.render(ALIASES)
 
 
 # -- monitor ---------------------------------------------------------------------------------

@@ -8,12 +8,15 @@ daemon down it goes to the offline spool and is delivered, exactly once, when th
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+import homemail
 
 from .conftest import (
     CTL_SCRIPT,
@@ -57,6 +60,10 @@ flaky: @USER@
 
 # -- helpers ---------------------------------------------------------------------------------
 
+#: The homemail under test: the links run the virtual environment's script, which would import
+#: the installed package instead.
+PACKAGE_ROOT = str(Path(homemail.__file__).resolve().parent.parent)
+
 
 @pytest.fixture
 def bindir(tmp_path: Path) -> Path:
@@ -86,13 +93,15 @@ def sm(daemon: Daemon) -> Daemon:
 
 
 def cron_env(daemon: Daemon, bindir: Path, **extra: str) -> dict[str, str]:
-    """What cron gives a job (a short PATH, HOME, LOGNAME, SHELL), plus the daemon's socket."""
+    """What cron gives a job (a short PATH, HOME, LOGNAME, SHELL), plus the daemon's socket
+    (and PYTHONPATH, for the code under test)."""
     env = {
         "PATH": f"{bindir}:/usr/bin:/bin",
         "HOME": str(daemon.home),
         "LOGNAME": USER,
         "SHELL": "/bin/sh",
         "HOMEMAIL_SOCKET": str(daemon.socket),
+        "PYTHONPATH": PACKAGE_ROOT,
     }
     env.update(extra)
     return env
@@ -190,6 +199,28 @@ def test_cron_pipeline_sendmail_t_oi(sm: Daemon, bindir: Path) -> None:
     assert header_values(hidden, "bcc") == []
 
 
+def test_sendmail_takes_clustered_flags_and_attached_values(sm: Daemon, bindir: Path) -> None:
+    """-U (initial submission) is accepted and ignored; -ti, -tf ADDR and -fADDR are read the
+    way Sendmail's getopt reads them."""
+    env = cron_env(sm, bindir)
+    for flags, sender in (
+        ("-U -ti", None),
+        ("-Uti -fjob@example.org", "job@example.org"),
+        ("-tf job2@example.org -oi", "job2@example.org"),
+        ("-itUfjob3@example.org", "job3@example.org"),
+    ):
+        tok = token()
+        message = f"To: alice@localhost\\nSubject: {tok}\\n\\n.\\nafter\\n"
+        script = f"printf '{message}' | sendmail {flags}"
+        result = shell(script, env, sm.home)
+        assert result.returncode == 0 and result.stderr == "", (flags, result)
+        stored = sm.wait_for_message(tok)
+        assert stored.rstrip(b"\n").endswith(b"\n.\nafter"), (flags, stored)  # -i: dots kept
+        return_path = stored.split(b"\n", 1)[0].decode()
+        expected = sender or f"{USER}@"
+        assert return_path.startswith(f"Return-Path: <{expected}"), (flags, return_path)
+
+
 def test_sendmail_takes_lines_longer_than_smtp_allows(sm: Daemon, bindir: Path) -> None:
     """Scripts write long lines (HTML, CSV, a long Subject); local enqueue keeps them whole, up
     and down, while an SMTP client's are still refused (test_rejections)."""
@@ -266,6 +297,20 @@ def test_sendmail_bs_speaks_smtp_on_stdin(sm: Daemon, bindir: Path) -> None:
     stored = sm.wait_for_message(tok)
     assert stored.startswith(b"Return-Path: <script@example.org>\n")
     assert b"\n.dot-stuffed line\n" in stored
+
+
+def test_sendmail_bs_with_lf_line_endings(sm: Daemon, bindir: Path) -> None:
+    """As Sendmail does, -bs takes lines ending in LF alone: they reach the daemon as CR LF."""
+    tok = token()
+    script = (
+        "printf 'EHLO me\\nMAIL FROM:<u@localhost>\\nRCPT TO:<alice@localhost>\\nDATA\\n"
+        f"Subject: lf {tok}\\n\\nhello\\n.\\nQUIT\\n' | sendmail -bs"
+    )
+    out = ok(shell(script, cron_env(sm, bindir), sm.home))
+    finals = [line[:4] for line in out.splitlines() if line[3:4] == " "]
+    assert finals == ["220 ", "250 ", "250 ", "250 ", "354 ", "250 ", "221 "], out
+    stored = sm.wait_for_message(tok)
+    assert stored.endswith(b"\n\nhello\n"), stored
 
 
 def test_sendmail_bs_interactive_dialogue(sm: Daemon, bindir: Path) -> None:
@@ -346,6 +391,54 @@ def test_newaliases_reloads_the_aliases_table(sm: Daemon, bindir: Path) -> None:
     aliases.write_text(aliases.read_text() + f"dave: {USER}\n")
     assert ok(shell("sendmail -bi", env, sm.home)) == "aliases: table updated\n"
     assert rcpt_code(sm, "dave@localhost") == 250
+
+
+NAMED_ALIASES_CONFIG = """\
+# alias tables with names of their own
+table myal file:@DIR@/aliases
+table staff file:@DIR@/staff
+table hiddenrcpts { "hidden@localhost" }
+listen on 127.0.0.1 port @PORT@
+action "hidden" maildir "@DIR@/Hidden" alias <staff>
+action "local" maildir "@MAILDIR@" alias <myal>
+match from local for rcpt-to <hiddenrcpts> action "hidden"
+match from local for local action "local"
+"""
+
+
+def test_newaliases_reloads_alias_tables_of_any_name(daemon: Daemon, bindir: Path) -> None:
+    """The alias tables are whatever the actions name: newaliases re-reads each aliases file."""
+    prepare(daemon)
+    staff = daemon.dir / "staff"
+    staff.write_text(f"helpdesk: {USER}\n", encoding="utf-8")
+    sm = daemon.start(NAMED_ALIASES_CONFIG)
+    env = cron_env(sm, bindir)
+    aliases = sm.dir / "aliases"
+    assert rcpt_code(sm, "carol@localhost") == 550
+    assert rcpt_code(sm, "hidden@localhost") == 550
+    aliases.write_text(aliases.read_text() + f"carol: {USER}\n")
+    staff.write_text(staff.read_text() + f"hidden: {USER}\n")
+    updated = "staff: table updated\nmyal: table updated\n"  # in the order of the actions
+    assert ok(shell("newaliases", env, sm.home)) == updated
+    assert rcpt_code(sm, "carol@localhost") == 250
+    assert rcpt_code(sm, "hidden@localhost") == 250
+    tok = token()
+    ok(run([str(bindir / "sendmail"), "-oi", "carol@localhost"], env, f"Subject: {tok}\n\nx\n"))
+    sm.wait_for_message(tok)
+
+    aliases.write_text(aliases.read_text() + f"dave: {USER}\n")
+    assert ok(shell("sendmail -bi", env, sm.home)) == updated
+    assert rcpt_code(sm, "dave@localhost") == 250
+
+
+def test_newaliases_without_an_aliases_file_says_so(daemon: Daemon, bindir: Path) -> None:
+    """Not an error (package scripts run newaliases): there is just nothing to re-read."""
+    inline = CONFIG.replace("file:@DIR@/aliases", "{ postmaster = @USER@ }")
+    sm = prepare(daemon).start(inline)
+    for script in ("newaliases", "sendmail -bi"):
+        result = shell(script, cron_env(sm, bindir), sm.home)
+        assert result.returncode == 0 and result.stderr == "", result
+        assert result.stdout == "no aliases file in the configuration: nothing to re-read\n"
 
 
 def test_sendmail_q_flushes_the_queue(sm: Daemon, bindir: Path) -> None:
@@ -452,6 +545,31 @@ def test_sendmail_while_down_is_delivered_once_when_the_daemon_starts(
     assert ok(shell("mailq", env, daemon.home)) == "Mail queue is empty\n"
 
 
+def test_sendmail_while_down_finds_the_spool_of_the_daemon_behind_its_socket(
+    daemon: Daemon, bindir: Path
+) -> None:
+    """The daemon runs with --spool: sendmail knows only its socket (no HOMEMAIL_OFFLINE), and
+    still leaves the message where that daemon reads it at its next start."""
+    prepare(daemon).start(write=False)
+    link = Path(f"{daemon.socket}.offline")
+    assert link.is_symlink() and os.readlink(link) == str(daemon.spool / "offline")
+    assert daemon.stop() == 0
+    assert link.is_symlink() and not daemon.socket.exists()  # left in place at stop
+
+    env = cron_env(daemon, bindir)
+    assert "HOMEMAIL_OFFLINE" not in env
+    tok = token()
+    script = f"printf 'Subject: behind {tok}\\n\\nwhile down\\n' | sendmail -oi alice@localhost"
+    result = shell(script, env, daemon.home)
+    assert result.returncode == 0 and result.stderr == "", result
+    assert len(spooled(daemon.spool / "offline")) == 1
+    assert not (daemon.home / ".local").exists(), "written to the default user-mode spool"
+
+    daemon.start(write=False)
+    daemon.wait_for_message(tok)
+    assert poll(lambda: spooled(daemon.spool / "offline") == [], 5)
+
+
 def test_sendmail_while_down_of_a_message_over_the_size_limit_bounces_it_at_start(
     daemon: Daemon, bindir: Path
 ) -> None:
@@ -513,6 +631,7 @@ def test_sendmail_with_the_default_user_mode_paths(tmp_path: Path, bindir: Path)
             "LOGNAME": USER,
             "XDG_STATE_HOME": daemon.env["XDG_STATE_HOME"],
             "XDG_RUNTIME_DIR": daemon.env["XDG_RUNTIME_DIR"],
+            "PYTHONPATH": PACKAGE_ROOT,
         }
         tok = token()
         result = shell(

@@ -344,6 +344,14 @@ def test_alias_edits_go_through_the_parent_to_a_root_owned_file(system: SystemDa
     assert missing.returncode != 0
     assert "no alias" in missing.stderr
 
+    before = aliases.read_bytes()  # what the parent would write is expanded by its rules first
+    for target, why in (("friend@example.com", "relaying"), ("root", "no such user")):
+        refused = _ctl(system, "alias", "add", "helpdesk", "hmsys2", target)
+        assert refused.returncode == 65, refused
+        assert "alias 'helpdesk' not added" in refused.stderr and why in refused.stderr
+        assert aliases.read_bytes() == before
+    assert _rcpt(system.port, "helpdesk@localhost") == 550
+
 
 TWO_PORTS = """\
 table aliases {{ postmaster = "hmsys1" }}
@@ -570,6 +578,41 @@ def test_offline_mail_over_the_size_limit_is_bounced_to_its_sender(system: Syste
     assert "offline offline refused" in system.log()
     assert "offline smtp message" not in system.log()  # the message itself was never queued
     assert _maildir_count("hmsys2") == before
+
+
+def test_sendmail_while_down_finds_the_spool_the_parent_recorded(system: SystemDaemon) -> None:
+    """The parent records SPOOL/offline beside the control socket; with the daemon stopped,
+    sendmail that knows only the socket leaves the message there, and the next start takes it."""
+    system.start()
+    link = Path(f"{system.socket}.offline")
+    spool = system.dir / "spool" / "offline"
+    assert os.readlink(link) == str(spool) and link.lstat().st_uid == 0
+    assert system.stop() == 0
+    assert link.is_symlink()
+
+    tag = f"down{os.getpid()}x{time.monotonic_ns()}"
+    home = system.dir / "roothome"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "HOMEMAIL_SOCKET": str(system.socket)}
+    env.pop("HOMEMAIL_OFFLINE", None)
+    env.pop("XDG_STATE_HOME", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "homemail.ctl", "sendmail", "-oi", "hmsys2@localhost"],
+        input=f"Subject: {tag}\n\nwhile down\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert result.returncode == 0 and result.stderr == "", result
+    assert len(list(spool.iterdir())) == 1
+    assert not (home / ".local").exists()
+
+    before = _maildir_count("hmsys2")
+    system.log_path.rename(system.dir / "first-run.log")  # start() waits for "smtpd ready"
+    system.start()
+    assert poll(lambda: _maildir_count("hmsys2") > before, 20), system.log()
+    assert poll(lambda: not any(spool.iterdir()), 10)
 
 
 def test_offline_mail_with_more_recipients_than_a_channel_record_holds(
