@@ -84,7 +84,7 @@ class Ruleset:
         self.local = local_names(cfg, hostname)
 
     def is_local_domain(self, domain: str) -> bool:
-        return domain.lower() in self.local
+        return domain.lower().removesuffix(".") in self.local  # "localhost." is localhost
 
     def check_alias(self, name: str, table: Table) -> None:
         """Expand alias ``name`` of ``table`` as mail to it would be; raises ExpansionError

@@ -288,6 +288,10 @@ class Session(SMTP):
         else:
             self._timeout_cb()
 
+    async def _refuse(self, command: str, reply: str) -> None:
+        log.event(self.sid, "smtp", "failed-command", command=command, result=reply)
+        await self.push(reply)
+
     async def push(self, status: Any) -> None:
         if self.transport is None or self.transport.is_closing():
             await asyncio.sleep(0)  # let connection_lost end the session's command loop
@@ -441,7 +445,8 @@ class Session(SMTP):
                     await self.push("501 5.5.4 Malformed SIZE parameter")
                     return
                 if int(value) > self.ctx.max_message_size:
-                    await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+                    too_big = "552 5.3.4 Message size exceeds fixed maximum message size"
+                    await self._refuse("MAIL", too_big)
                     return
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
@@ -471,7 +476,7 @@ class Session(SMTP):
         try:
             sender = parse_path(path, null_ok=True, utf8=True)
         except AddressError as exc:
-            await self.push(f"553 5.1.7 Sender address rejected: {exc}")
+            await self._refuse("MAIL", f"553 5.1.7 Sender address rejected: {exc}")
             return
         if sender is not None and not sender.is_ascii and not txn.smtputf8:
             await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
@@ -519,7 +524,7 @@ class Session(SMTP):
         try:
             address = parse_path(path, null_ok=False, utf8=True, allow_bare_postmaster=True)
         except AddressError as exc:
-            await self.push(f"553 5.1.3 Recipient address rejected: {exc}")
+            await self._refuse("RCPT", f"553 5.1.3 Recipient address rejected: {exc}")
             return
         assert address is not None
         if not address.is_ascii and not txn.smtputf8:
@@ -562,6 +567,7 @@ class Session(SMTP):
         except _TooLarge:
             self.txn = None
             status = "552 5.3.4 Message size exceeds fixed maximum message size"
+            log.event(self.sid, "smtp", "message-refused", reason="too large")
         else:
             if content is None:  # the client went away
                 return

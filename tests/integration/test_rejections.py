@@ -293,6 +293,23 @@ def test_size_must_be_ascii_digits(session: smtplib.SMTP, size: str) -> None:
     expect(session.docmd("MAIL", "FROM:<alice@example.org> SIZE=12"), 250, "2.1.0")
 
 
+def test_a_local_domain_written_with_its_trailing_dot_is_local(session: smtplib.SMTP) -> None:
+    mail_ok(session)
+    expect(session.docmd("RCPT", f"TO:<{LOCAL_RCPT}.>"), 250, "2.1.5")
+
+
+def test_refused_commands_are_logged(mta: Daemon, session: smtplib.SMTP) -> None:
+    limit = limit_of(session)
+    mark = mta.log_mark()
+    expect(session.docmd("MAIL", f"FROM:<alice@example.org> SIZE={limit + 1}"), 552, "5.3.4")
+    expect(session.docmd("MAIL", "FROM:<;sleep 66;>"), 553, "5.1.7")
+    mail_ok(session)
+    expect(session.docmd("RCPT", "TO:<a b@localhost>"), 553, "5.1.3")
+    mta.wait_for_log(r"failed-command command=MAIL result=\"552 5\.3\.4 ", since=mark)
+    mta.wait_for_log(r"failed-command command=MAIL result=\"553 5\.1\.7 ", since=mark)
+    mta.wait_for_log(r"failed-command command=RCPT result=\"553 5\.1\.3 ", since=mark)
+
+
 def test_body_over_the_limit_is_refused_after_data(mta: Daemon, session: smtplib.SMTP) -> None:
     limit = limit_of(session)
     tok = token()
@@ -300,9 +317,11 @@ def test_body_over_the_limit_is_refused_after_data(mta: Daemon, session: smtplib
     big = f"Subject: {tok}\r\n\r\n".encode() + line * (limit // len(line) + 100)
     mail_ok(session)
     expect(session.docmd("RCPT", f"TO:<{LOCAL_RCPT}>"), 250, "2.1.5")
+    mark = mta.log_mark()
     expect(session.data(big), 552, "5.3.4")
     expect(session.noop(), 250, "2.0.0")
     assert_not_delivered(mta, tok)
+    mta.wait_for_log(r"smtp message-refused reason=\"too large\"", since=mark)
 
 
 def test_body_just_under_the_limit_is_accepted(mta: Daemon, session: smtplib.SMTP) -> None:
