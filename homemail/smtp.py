@@ -696,8 +696,8 @@ def build_message(
 
     Refuses lines over 1000 octets (unless ``long_lines``: local enqueue, where ``sendmail``
     takes what scripts write, as Postfix's does) and 100 or more ``Received:`` headers; drops
-    ``Bcc:``; adds ``Message-ID:`` and ``Date:`` when missing on local submissions; prepends
-    ``Received:``.
+    ``Bcc:``, ``Resent-Bcc:`` and ``Return-Path:`` (the final delivery adds its own); adds
+    ``Message-ID:`` and ``Date:`` when missing on local submissions; prepends ``Received:``.
     """
     if not long_lines and len(content) > MAX_LINE and _has_long_line(content):
         raise MessageRefused(
@@ -706,7 +706,8 @@ def build_message(
     headers, body = split_header(content)
     if _count_header(headers, b"received") >= MAX_RECEIVED:
         raise MessageRefused("554 5.4.6 Too many hops, routing loop detected", "routing loop")
-    headers = _drop_header(headers, b"bcc")
+    for name in (b"bcc", b"resent-bcc", b"return-path"):  # Postfix's drop_headers, as well
+        headers = _drop_header(headers, name)
     added = []
     if add_ids:
         if not _has_header(headers, b"message-id"):

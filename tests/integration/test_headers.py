@@ -146,6 +146,18 @@ def test_fields_are_added_above_a_body_that_has_no_header_section(mta: Daemon) -
     assert body_of(stored) == f"hello {tok}, no headers here\nsecond line: with a colon\n".encode()
 
 
+def test_a_return_path_and_a_resent_bcc_from_the_client_are_dropped(mta: Daemon) -> None:
+    tok = token()
+    sent = (
+        f"Return-Path: <forged-{tok}@example.org>\r\nSubject: {tok}\r\n"
+        f"Resent-Bcc: hidden-{tok}@example.org\r\n\r\nbody\r\n"
+    ).encode()
+    send(mta, "a@example.org", [LOCAL_RCPT], sent)
+    stored = mta.wait_for_message(tok)
+    assert header_values(stored, "return-path") == [b"<a@example.org>"], stored
+    assert f"forged-{tok}".encode() not in stored and f"hidden-{tok}".encode() not in stored
+
+
 def test_a_bcc_between_bare_line_feeds_is_removed(mta: Daemon) -> None:
     tok = token()
     sent = f"Subject: {tok}\nBcc: secret-{tok}@example.org\n\nbody line\r\n".encode()
