@@ -232,13 +232,14 @@ def recorded_offline_dir(sock_path: str) -> str | None:
     return target
 
 
-def untrusted_directory(path: str) -> str | None:
+def untrusted_directory(path: str, *, shared_ok: bool = False) -> str | None:
     """Why another user could have made or changed the directory ``path``, or None.
 
     Every directory from ``/`` down to it, both as written and with its symbolic links
-    resolved, must belong to root or to us, and only a sticky one (``/tmp``) may be writable by
-    anyone: a link or a directory another user made on the way (``/tmp/homemail-UID`` made
-    before us, with ``homemail`` a link to ``/tmp``) would let them put their socket there.
+    resolved, must belong to root or to us: a link or a directory another user made on the
+    way (``/tmp/homemail-UID`` made before us, with ``homemail`` a link to ``/tmp``) would let
+    them put their socket there.  Unless ``shared_ok`` (a socket path the user chose), only a
+    sticky one (``/tmp``) may also be writable by anyone.
     """
     uid = os.geteuid()
     chain: dict[str, None] = {}
@@ -259,7 +260,7 @@ def untrusted_directory(path: str) -> str | None:
             return f"{clean(directory)} belongs to uid {st.st_uid}, not to root or you"
         if stat.S_ISLNK(st.st_mode):
             continue  # where it points is in the chain too
-        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        if not shared_ok and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
             return f"anyone may write in {clean(directory)}"
     return None
 
@@ -294,7 +295,7 @@ class ControlClient:
     def _check_socket_dir(self) -> None:
         """Only a socket in a directory of root's or ours: one planted by another user (the
         predictable /tmp fallback) must not receive our mail.  Raises UntrustedSocket."""
-        reason = untrusted_directory(os.path.dirname(os.path.abspath(self.path)))
+        reason = untrusted_directory(os.path.dirname(os.path.abspath(self.path)), shared_ok=True)
         if reason is not None:
             raise UntrustedSocket(self.path, reason)
 

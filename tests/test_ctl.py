@@ -358,6 +358,8 @@ def test_socket_directories_another_user_could_have_made_are_not_trusted(tmp_pat
     link = mine / "link"
     link.symlink_to(shared)  # our link, to a place anyone can fill
     assert "anyone may write in" in (ctl.untrusted_directory(str(link)) or "")
+    assert ctl.untrusted_directory(str(link), shared_ok=True) is None  # a place the user chose
+    ctl.ControlClient(str(shared / "control.sock"))._check_socket_dir()  # --socket there works
     if os.geteuid() == 0:  # another user's directory, and another user's link
         theirs = sticky / "homemail-1006"
         theirs.mkdir()
