@@ -22,7 +22,8 @@ File format (UTF-8), read top to bottom, one statement a line:
   ``table NAME { a, b }`` (inline list), ``table NAME { k = v, k2 = v2 }`` (inline map).
 - ``listen on localhost|all|socket|ADDRESS|INTERFACE [port N] [hostname NAME] [tag T]
   [mask-src]``.
-- ``action NAME maildir ["PATH"]|mbox ["PATH"] [alias <TABLE>] [ttl DURATION]``.
+- ``action NAME maildir ["PATH"]|mbox ["PATH"] [alias <TABLE>] [ttl DURATION]``; the ttl
+  is how long the action's envelopes stay queued (instead of ``queue ttl``).
 - ``match [!]from any|local|socket|src <T>  [!]for any|local|domain <T>|rcpt-to <T>
   [[!]tag T]  action NAME|reject``; ``from`` and ``for`` default to ``local``.
 - ``queue ttl DURATION``, ``bounce warn-interval DURATION[, DURATION…]`` (up to four),

@@ -692,7 +692,10 @@ def _rfc5322_date(second: int) -> str:
 def make_envelopes(
     txn: Transaction, msgid: int, *, now: float, ttl: int, uid: int, src: str, helo: str
 ) -> list[Envelope]:
-    """One envelope per distinct (action, destination) among the transaction's recipients."""
+    """One envelope per distinct (action, destination) among the transaction's recipients.
+
+    An envelope expires ``ttl`` seconds from ``now`` (``queue ttl``), or its action's own ttl.
+    """
     seen: set[tuple[str, str]] = set()
     envelopes = []
     for rcpt in txn.recipients:
@@ -709,7 +712,7 @@ def make_envelopes(
                     user=target.user,
                     action=target.action,
                     ctime=now,
-                    expire=now + ttl,
+                    expire=now + (target.ttl or ttl),
                     next_try=now,
                     smtputf8=txn.smtputf8,
                     body=txn.body,

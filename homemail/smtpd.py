@@ -341,7 +341,7 @@ class Daemon:
                 user=t.user,
                 action=t.action,
                 ctime=now,
-                expire=now + self.cfg.queue_ttl,
+                expire=now + (t.ttl or self.cfg.queue_ttl),
                 next_try=now,
                 bounce=True,
                 src="local",
