@@ -23,7 +23,8 @@ File format (UTF-8), read top to bottom, one statement a line:
 - ``listen on localhost|all|socket|ADDRESS|INTERFACE [port N] [hostname NAME] [tag T]
   [mask-src]``.
 - ``action NAME maildir ["PATH"]|mbox ["PATH"] [alias <TABLE>] [ttl DURATION]``; the ttl
-  is how long the action's envelopes stay queued (instead of ``queue ttl``).
+  is how long the action's envelopes stay queued (instead of ``queue ttl``). A path starting
+  with ``~/`` (or ``~`` alone), or relative, is the recipient's home's; ``~NAME`` is refused.
 - ``match [!]from any|local|socket|src <T>  [!]for any|local|domain <T>|rcpt-to <T>
   [[!]tag T]  action NAME|reject``; ``from`` and ``for`` default to ``local``.
 - ``queue ttl DURATION``, ``bounce warn-interval DURATION[, DURATION…]`` (up to four),
@@ -973,6 +974,12 @@ class _Parser:
             path = nxt.text
             if not path:
                 raise _error(nxt, "empty path", f'{method} "~/Maildir"')
+            if path.startswith("~") and path != "~" and not path.startswith("~/"):
+                raise _error(
+                    nxt,
+                    "only '~/' is expanded in a delivery path",
+                    "'~/' is the recipient's home; write other users' paths in full",
+                )
             _check_format(nxt, path)
         alias: str | None = None
         ttl: int | None = None

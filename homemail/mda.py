@@ -20,7 +20,8 @@ more ``>``, and each message ends with an empty line. The mailbox is locked with
 link, has more than one hard link or is not a regular file. A failed write is truncated away.
 
 :func:`deliver_local` is the dispatch: it expands the action's path template (``%{user.directory}``
-and friends) and calls the right writer.
+and friends; a leading ``~/`` and any relative path are the recipient's home's) and calls the
+right writer.
 
 Everything here is blocking and keeps no global state but the directory-sync coordinator
 (which only lets concurrent deliveries share an fsync): the daemon runs these functions in worker
@@ -53,6 +54,7 @@ __all__ = [
     "deliver_local",
     "deliver_maildir",
     "deliver_mbox",
+    "mailbox_path",
     "maildir_name",
     "prepare",
 ]
@@ -556,6 +558,20 @@ def format_values(sender: str, rcpt: str, dest: str, user: str, home: str) -> di
     return values
 
 
+def mailbox_path(template: str, values: dict[str, str], home: str) -> str:
+    """The mailbox a path template names, for a recipient whose home is ``home``.
+
+    A leading ``~/`` (or ``~`` alone) is the home; a path that is still relative once expanded
+    is taken from the home too (never from the daemon's working directory).
+    """
+    if template == "~":
+        return home
+    if template.startswith("~/"):
+        return home.rstrip("/") + "/" + expand_format(template[2:], values)
+    path = expand_format(template, values)
+    return path if os.path.isabs(path) else os.path.join(home, path)
+
+
 def deliver_local(action: Action, user: LocalUser, env: Envelope, message: bytes,
                   hostname: str) -> None:
     """Deliver one envelope with its configured action; raises DeliveryError."""
@@ -563,12 +579,10 @@ def deliver_local(action: Action, user: LocalUser, env: Envelope, message: bytes
     d = Delivery(evpid=env.evpid, ctime=int(env.ctime), sender=env.sender, rcpt=env.rcpt,
                  dest=env.dest, user=user.name, hostname=hostname, recovered=env.recovered)
     if action.method == "maildir":
-        path = expand_format(action.path or "%{user.directory}/Maildir", values)
-        if not os.path.isabs(path):
-            path = os.path.join(user.home, path)
+        path = mailbox_path(action.path or "~/Maildir", values, user.home)
         deliver_maildir(path, message, d)
     elif action.method == "mbox":
-        path = expand_format(action.path or "/var/mail/%{user.username}", values)
+        path = mailbox_path(action.path or "/var/mail/%{user.username}", values, user.home)
         deliver_mbox(path, message, d)
     else:
         raise DeliveryError(f"delivery method {action.method!r} is not supported",

@@ -847,6 +847,15 @@ def test_action_format_specifiers_with_slices() -> None:
     assert cfg.actions["a"].path == "/m/%{rcpt.domain}/%{rcpt.user[0:-4]:strip}"
 
 
+def test_action_path_tilde() -> None:
+    assert parse('action "a" mbox "~/inbox"\n').actions["a"].path == "~/inbox"
+    assert parse('action "a" maildir "~"\n').actions["a"].path == "~"
+    assert message('action "a" maildir "~bob/Maildir"\n') == (
+        "<embedded>:1:20: error: only '~/' is expanded in a delivery path near '~bob/Maildir'\n"
+        "  hint: '~/' is the recipient's home; write other users' paths in full"
+    )
+
+
 def test_action_empty_path() -> None:
     assert fail('action "a" maildir ""\n').message == "empty path"
 

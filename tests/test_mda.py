@@ -671,3 +671,59 @@ def test_concurrent_deliveries_share_directory_syncs(
     assert errors == []
     assert len(os.listdir(tmp_path / "new")) == 16
     assert 1 <= len(dir_syncs) < 16
+
+
+# --- deliver_local: where the action's path leads ------------------------------------------------
+
+
+def _deliver_local(method: str, path: str | None, home: Path) -> None:
+    from homemail.aliases import LocalUser
+    from homemail.config import Action, Location
+    from homemail.queue import Envelope
+
+    action = Action("a", method, path, None, None, Location("<test>", 1, 1))  # type: ignore[arg-type]
+    user = LocalUser("bob", os.getuid(), os.getgid(), str(home))
+    env = Envelope(
+        evpid=(5 << 32) | 1,
+        sender="alice@example.org",
+        rcpt="bob@localhost",
+        dest="bob@localhost",
+        user="bob",
+        action="a",
+        ctime=1700000000,
+        expire=0,
+    )
+    mda.deliver_local(action, user, env, MESSAGE, "mail.example.org")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "lands"),
+    [
+        ("maildir", "~/TildeMaildir", "TildeMaildir/new"),
+        ("maildir", "~/Mail/%{rcpt.user:lowercase}", "Mail/bob/new"),
+        ("maildir", "RelMaildir", "RelMaildir/new"),
+        ("maildir", None, "Maildir/new"),
+        ("mbox", "~/tilde.mbox", "tilde.mbox"),
+        ("mbox", "relmbox", "relmbox"),
+        ("mbox", "mail/%{user.username}", "mail/bob"),
+    ],
+)
+def test_tilde_and_relative_paths_are_the_recipients_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, path: str | None, lands: str
+) -> None:
+    home = tmp_path / "home"
+    (home / "mail").mkdir(parents=True)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the daemon's working directory is not the home
+    _deliver_local(method, path, home)
+    target = home / lands
+    found = list(target.iterdir()) if method == "maildir" else [target]
+    assert len(found) == 1 and b"Delivered-To: bob@localhost\n" in found[0].read_bytes()
+    assert list(elsewhere.iterdir()) == []
+    assert not (home / "~").exists()
+
+
+def test_a_lone_tilde_is_the_home_itself(tmp_path: Path) -> None:
+    _deliver_local("maildir", "~", tmp_path)
+    assert len(list((tmp_path / "new").iterdir())) == 1
