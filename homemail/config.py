@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from homemail.mda import FORMAT_MODIFIERS, FormatError, check_format
 from homemail.table import Table, TableError, read_regular_file
 
 __all__ = [
@@ -303,23 +304,6 @@ _REFUSAL_HINTS = {
     "virtual": "use 'alias <TABLE>' for now",
 }
 
-_FORMAT_NAMES = frozenset(
-    (
-        "sender",
-        "sender.user",
-        "sender.domain",
-        "rcpt",
-        "rcpt.user",
-        "rcpt.domain",
-        "dest",
-        "dest.user",
-        "dest.domain",
-        "user.username",
-        "user.directory",
-        "mbox.from",
-    )
-)
-
 _MACRO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NUMBER = re.compile(r"[0-9]+\Z")
 _DURATION = re.compile(r"([0-9]+)([smhd]?)\Z")
@@ -327,7 +311,6 @@ _SIZE = re.compile(r"([0-9]+)([kKmMgG]?)\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\Z")
 _INTERFACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _BACKEND = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)\Z", re.DOTALL)
-_FORMAT = re.compile(r"%\{([^}]*)\}")
 _SUB_ADDR_DELIMS = "!#$%&'*+-/=?^_`{|}~"
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -585,17 +568,21 @@ def _size(tok: _Token, what: str) -> int:
 
 
 def _check_format(tok: _Token, path: str) -> None:
-    """Check the %{…} specifiers of a delivery path template."""
-    rest = _FORMAT.sub("", path)
-    if "%{" in rest:
-        raise _error(tok, "unterminated '%{' in path", "close it with '}', as in %{user.username}")
-    for spec in _FORMAT.findall(path):
-        name = re.split(r"[\[:]", spec, maxsplit=1)[0]
-        if name not in _FORMAT_NAMES:
-            hint = _suggest(name, sorted(_FORMAT_NAMES)) or (
-                "known: " + ", ".join(sorted(_FORMAT_NAMES))
+    """Check the %{…} specifiers of a delivery path template with the delivery's own reader."""
+    try:
+        check_format(path)
+    except FormatError as err:
+        if err.word == "%{":
+            raise _error(
+                tok, "unterminated '%{' in path", "close it with '}', as in %{user.username}"
+            ) from None
+        if err.choices:
+            hint = _suggest(err.word, list(err.choices)) or "known: " + ", ".join(err.choices)
+        else:
+            hint = "a slice is [START:END], as in %{rcpt.user[0:-4]}; modifiers follow it: " + (
+                ", ".join(f":{m}" for m in FORMAT_MODIFIERS)
             )
-            raise _error(tok, f"unknown format specifier '%{{{name}}}' in path", hint)
+        raise _error(tok, f"{err} in path", hint) from None
 
 
 def _listen_address(tok: _Token) -> str:

@@ -856,6 +856,32 @@ def test_action_path_tilde() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("path", "error", "hint"),
+    [
+        (
+            "/x/%{rcpt.user:badmod}",
+            "unknown format modifier ':badmod' in path",
+            "known: lowercase, uppercase, strip",
+        ),
+        ("/x/%{rcpt:lowercase|upercase}", "unknown format modifier ':upercase' in path", "did"),
+        ("/x/%{rcpt.user[a:b]}", "invalid slice '[a:b]' of '%{rcpt.user}' in path", "a slice"),
+        ("/x/%{rcpt.user[2]}", "invalid slice '[2]' of '%{rcpt.user}' in path", "a slice"),
+        ("/x/%{rcpt.user[0:2", "unterminated '%{' in path", "close it"),
+        ("/x/%{rcpt.user[0:2]x}", "unexpected 'x' after '%{rcpt.user[0:2]' in path", "a slice"),
+    ],
+)
+def test_action_bad_format_modifier_or_slice(path: str, error: str, hint: str) -> None:
+    err = fail(f'action "a" maildir "{path}"\n')
+    assert (err.location, err.message, err.token) == (loc(1, 20), error, path)
+    assert err.hint is not None and err.hint.startswith(hint)
+
+
+def test_action_format_modifiers_and_slices_that_deliveries_take() -> None:
+    for path in ("/x/%{rcpt.user:lowercase|strip}", "/x/%{dest[-4:]}", "/x/%{mbox.from[:3]}"):
+        assert parse(f'action "a" mbox "{path}"\n').actions["a"].path == path
+
+
 def test_action_empty_path() -> None:
     assert fail('action "a" maildir ""\n').message == "empty path"
 

@@ -727,3 +727,36 @@ def test_tilde_and_relative_paths_are_the_recipients_home(
 def test_a_lone_tilde_is_the_home_itself(tmp_path: Path) -> None:
     _deliver_local("maildir", "~", tmp_path)
     assert len(list((tmp_path / "new").iterdir())) == 1
+
+
+# --- path templates: the configuration check reads them as deliveries do ----------------------
+
+SPECS = st.text(alphabet="rcpt.userdomainmbxfoy[]:|-0123456789lowercasestrip%{}XY", max_size=30)
+
+
+@given(st.sampled_from(sorted(mda.FORMAT_KEYS)), SPECS)
+@settings(max_examples=300)
+def test_what_the_check_accepts_expands_and_what_it_refuses_fails(key: str, tail: str) -> None:
+    template = f"/m/%{{{key}{tail}}}/x"
+    values = mda.format_values("a@b.example", "bob+x@c.example", "bob@c.example", "bob", "/h")
+    try:
+        mda.check_format(template)
+    except mda.FormatError:
+        with pytest.raises(DeliveryError) as info:
+            mda.expand_format(template, values)
+        assert info.value.permanent and info.value.status == "5.3.5"
+    else:
+        try:
+            assert "%{" not in mda.expand_format(template, values)
+        except DeliveryError as exc:  # a slice may leave "." of a domain, say
+            assert exc.text == "unsafe value in a delivery path"
+
+
+def test_expand_format_modifiers_slices_and_mbox_from() -> None:
+    values = mda.format_values("", "Bob+tag@Example.org", "bob@example.org", "bob", "/home/bob")
+    assert mda.expand_format("%{rcpt.user:strip|lowercase}", values) == "bob"
+    assert mda.expand_format("%{rcpt.domain[0:3]:uppercase}", values) == "EXA"
+    assert mda.expand_format("%{dest[-3:]}", values) == "org"
+    assert mda.expand_format("%{mbox.from}", values) == "MAILER-DAEMON"
+    with pytest.raises(DeliveryError, match="unknown format modifier ':badmod'"):
+        mda.expand_format("/x/%{rcpt.user:badmod}", values)

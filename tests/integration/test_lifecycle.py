@@ -370,6 +370,8 @@ def test_check_config_ok(tmp_path) -> None:
         ('listen on 127.0.0.1\ntable t { a = "b"\n', r"[23]:\d+"),
         ("smtp max-message-size lots\n", "1:23"),
         ('listen on 127.0.0.1\n\taction "x" maildir\tfrobnicate\n', r"2:\d+"),
+        ('action "x" maildir "/x/%{rcpt.user:badmod}"\n', "1:20"),
+        ('action "x" mbox "/x/%{rcpt.user[a:]}"\n', "1:17"),
     ],
 )
 def test_check_config_error_has_file_line_column(tmp_path, text: str, where: str) -> None:
