@@ -917,7 +917,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the configuration and exit (same as check-config)",
     )
-    parser.add_argument("-f", dest="config_top", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "-f",
+        dest="config_top",
+        metavar="FILE",
+        help="configuration file, for run and check-config (as in 'homemail -n -f FILE')",
+    )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument(
@@ -1125,9 +1130,15 @@ def _rebind(old: Config, new: Config) -> tuple[list[list[Any]], list[list[Any]],
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # OpenSMTPD's habit: "homemail -f FILE run" is "homemail run -f FILE"
+    config = getattr(args, "config", None)
+    if args.config_top is not None and config is not None and args.config_top != config:
+        parser.error(f"two configuration files: -f {args.config_top} and -f {config}")
+    config = config or args.config_top
     if args.check_only or args.command == "check-config":
-        return check_config(getattr(args, "config", None) or args.config_top)
+        return check_config(config)
     if args.command == "run":
+        args.config = config
         return run(args)
     parser.print_help(sys.stderr)
     return EX_USAGE

@@ -402,6 +402,32 @@ def test_check_config_missing_file(tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_file_named_before_the_subcommand_is_the_one_run_uses(daemon: Daemon) -> None:
+    """OpenSMTPD's habit, ``homemail -f FILE run``, runs FILE, not the embedded default."""
+    command = daemon.command()
+    where = command.index("-f")
+    config = command[where : where + 2]
+    del command[where : where + 2]
+    command[command.index("run") : command.index("run")] = config
+    daemon.command = lambda **_: command  # type: ignore[method-assign]
+    daemon.start()
+    tok = token()
+    accepted_msgid(
+        send(daemon, "alice@localhost", [LOCAL_RCPT], f"Subject: {tok}\r\n\r\nx\r\n".encode())
+    )
+    daemon.wait_for_message(tok)
+    checked = run_homemail("-f", str(daemon.config_path), "check-config")
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == f"{daemon.config_path}: configuration OK\n"
+
+
+def test_two_different_files_before_and_after_the_subcommand_are_refused(tmp_path) -> None:
+    for sub in ("run", "check-config"):
+        result = run_homemail("-f", str(tmp_path / "a.conf"), sub, "-f", str(tmp_path / "b.conf"))
+        assert result.returncode == 2, result
+        assert "two configuration files" in result.stderr
+
+
 def test_homemail_cli_entry_point_exists() -> None:
     assert HOMEMAIL, "no way to run homemail"
     result = run_homemail("--version")
