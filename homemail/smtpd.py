@@ -43,6 +43,7 @@ from homemail.config import (
     aliases_file,
     default_aliases_text,
     default_config_text,
+    dump,
     parse_file,
     parse_string,
 )
@@ -145,8 +146,18 @@ def system_default_config() -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_config(path: str | None, *, system: bool = False) -> Config:
-    """The file's configuration, or the embedded default (user mode creates its aliases)."""
+def system_mode(user_mode: bool) -> bool:
+    """Whether ``run`` starts system mode: as root, unless ``--user-mode``."""
+    return os.geteuid() == 0 and not user_mode
+
+
+def load_config(path: str | None, *, system: bool = False, create: bool = True) -> Config:
+    """The file's configuration, or the embedded default.
+
+    User mode's default keeps its aliases in a file it creates on first use; without ``create``
+    (a check, which writes nothing) a missing file is read as the default it would be created
+    with.
+    """
     if path is not None:
         return parse_file(path)
     if system:
@@ -156,6 +167,8 @@ def load_config(path: str | None, *, system: bool = False) -> Config:
     user = current_user().name
     aliases = user_aliases_path()
     if not os.path.exists(aliases):
+        if not create:
+            return parse_string(default_config_text(user), "<embedded>")
         try:
             os.makedirs(os.path.dirname(aliases), mode=0o700, exist_ok=True)
             with open(aliases, "x", encoding="utf-8") as f:
@@ -946,27 +959,50 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"system mode: the unprivileged user of the worker ({DEFAULT_USER})",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
-    check = sub.add_parser("check-config", help="check the configuration and exit")
-    check.add_argument("-f", "--config", metavar="FILE")
+    check = sub.add_parser(
+        "check-config",
+        help="check the configuration run would use and exit",
+        description="Check the configuration 'run' would use, with the same options; "
+        "nothing is written.",
+    )
+    check.add_argument("-f", "--config", metavar="FILE", help="configuration file")
+    check.add_argument(
+        "--user-mode",
+        action="store_true",
+        help="as root: check user mode's configuration (as 'run --user-mode' would use)",
+    )
+    check.add_argument(
+        "-v", "--verbose", action="store_true", help="also print the effective configuration"
+    )
     check.add_argument("-n", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
-def check_config(path: str | None) -> int:
+def check_config(path: str | None, *, user_mode: bool = False, verbose: bool = False) -> int:
+    """Check what ``run`` with the same options would load, without writing anything."""
+    system = system_mode(user_mode)
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, system=system, create=False)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
     for warning in cfg.warnings:
         print(warning, file=sys.stderr)
+    if path is None and not system and not os.path.exists(user_aliases_path()):
+        print(
+            f"note: {user_aliases_path()} does not exist yet; 'homemail run' creates it "
+            "with these aliases",
+            file=sys.stderr,
+        )
+    if verbose:
+        sys.stdout.write(dump(cfg))
     print(f"{cfg.path}: configuration OK")
     return EX_OK
 
 
 def run(args: argparse.Namespace) -> int:
     log.setup(args.verbose)
-    if os.geteuid() == 0 and not args.user_mode:
+    if system_mode(args.user_mode):
         return run_system(args)
     try:
         cfg = load_config(args.config)
@@ -1136,7 +1172,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"two configuration files: -f {args.config_top} and -f {config}")
     config = config or args.config_top
     if args.check_only or args.command == "check-config":
-        return check_config(config)
+        return check_config(
+            config,
+            user_mode=getattr(args, "user_mode", False),
+            verbose=getattr(args, "verbose", False),
+        )
     if args.command == "run":
         args.config = config
         return run(args)

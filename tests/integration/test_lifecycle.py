@@ -428,6 +428,59 @@ def test_two_different_files_before_and_after_the_subcommand_are_refused(tmp_pat
         assert "two configuration files" in result.stderr
 
 
+def _without_files_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env["HOME"] = str(home)
+    return env
+
+
+def test_check_config_writes_nothing(tmp_path) -> None:
+    """Without -f, user mode's default names an aliases file run creates; a check does not."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _without_files_env(home)
+    for extra in ([], ["--user-mode"]) if os.geteuid() == 0 else ([],):
+        result = run_homemail("check-config", *extra, env=env)
+        assert result.returncode == 0, result.stderr
+        assert list(home.iterdir()) == [], f"check-config {extra} wrote {list(home.rglob('*'))}"
+    if os.geteuid() == 0:
+        assert "does not exist yet" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="system mode is root's")
+def test_check_config_as_root_checks_what_run_would_use(tmp_path) -> None:
+    from homemail.config import parse_string
+    from homemail.smtpd import SYSTEM_CONFIG, system_default_config
+
+    env = _without_files_env(tmp_path)
+    system = run_homemail("check-config", "-v", env=env)
+    assert system.returncode == 0, system.stderr
+    if os.path.exists(SYSTEM_CONFIG):
+        assert system.stdout.endswith(f"{SYSTEM_CONFIG}: configuration OK\n")
+    else:
+        shown = system.stdout.removesuffix("<embedded>: configuration OK\n")
+        assert parse_string(shown) == parse_string(system_default_config())
+        assert "listen on localhost\n" in shown  # port 25, system mode's
+    user = run_homemail("check-config", "-v", "--user-mode", env=env)
+    assert user.returncode == 0, user.stderr
+    assert "listen on localhost port 2525\n" in user.stdout
+    assert user.stdout.endswith("<embedded>: configuration OK\n")
+
+
+def test_check_config_verbose_prints_the_effective_configuration(tmp_path) -> None:
+    from homemail.config import parse_file, parse_string
+
+    cfg = tmp_path / "smtpd.conf"
+    cfg.write_text('listen on 127.0.0.1 port 2526\naction "l" maildir ttl 1h\nmatch action "l"\n')
+    for args in (["check-config", "-v", "-f", str(cfg)], ["-f", str(cfg), "check-config", "-v"]):
+        result = run_homemail(*args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"# effective configuration of {cfg}\n")
+        shown = result.stdout.removesuffix(f"{cfg}: configuration OK\n")
+        assert shown != result.stdout
+        assert parse_string(shown) == parse_file(str(cfg))
+
+
 def test_homemail_cli_entry_point_exists() -> None:
     assert HOMEMAIL, "no way to run homemail"
     result = run_homemail("--version")
