@@ -41,6 +41,7 @@ from homemail.config import (
     Listener,
     Location,
     aliases_file,
+    check_listeners,
     default_aliases_text,
     default_config_text,
     dump,
@@ -156,8 +157,14 @@ def load_config(path: str | None, *, system: bool = False, create: bool = True) 
 
     User mode's default keeps its aliases in a file it creates on first use; without ``create``
     (a check, which writes nothing) a missing file is read as the default it would be created
-    with.
+    with.  Listeners that would bind the same address and port are refused (ConfigError).
     """
+    cfg = _read_config(path, system=system, create=create)
+    check_listeners(cfg, SYSTEM_PORT if system else USER_MODE_PORT)
+    return cfg
+
+
+def _read_config(path: str | None, *, system: bool, create: bool) -> Config:
     if path is not None:
         return parse_file(path)
     if system:

@@ -332,6 +332,37 @@ def test_run_with_a_bad_config_exits_78(daemon: Daemon) -> None:
     assert f"{daemon.config_path}:2:" in result.stderr, result.stderr
 
 
+def test_listen_on_an_interface_name(daemon: Daemon) -> None:
+    """OpenSMTPD's grammar takes an interface name: lo is 127.0.0.1 (and ::1)."""
+    daemon.start(DEFAULT_CONFIG.replace("listen on 127.0.0.1", "listen on lo"))
+    tok = token()
+    accepted_msgid(
+        send(daemon, "alice@localhost", [LOCAL_RCPT], f"Subject: {tok}\r\n\r\nx\r\n".encode())
+    )
+    daemon.wait_for_message(tok)
+
+
+def test_run_refuses_listeners_on_the_same_address_and_default_port(daemon: Daemon) -> None:
+    """Without a port, user mode listens on 2525: the check knows the mode, as run does."""
+    daemon.config_path.parent.mkdir(parents=True, exist_ok=True)
+    daemon.config_path.write_text("listen on localhost\nlisten on 127.0.0.1 port 2525\n")
+    result = subprocess.run(
+        daemon.command(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=daemon.env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 78, result.stderr
+    assert f"{daemon.config_path}:2:11: error: this listener binds 127.0.0.1 port 2525" in (
+        result.stderr
+    )
+    checked = run_homemail("check-config", "--user-mode", "-f", str(daemon.config_path))
+    assert checked.returncode == 78, checked
+    assert checked.stderr == result.stderr
+
+
 # -- check-config ----------------------------------------------------------------------------
 
 
@@ -372,6 +403,9 @@ def test_check_config_ok(tmp_path) -> None:
         ('listen on 127.0.0.1\n\taction "x" maildir\tfrobnicate\n', r"2:\d+"),
         ('action "x" maildir "/x/%{rcpt.user:badmod}"\n', "1:20"),
         ('action "x" mbox "/x/%{rcpt.user[a:]}"\n', "1:17"),
+        ("listen on 999.1.1.1\n", "1:11"),
+        ("listen on nosuchif0\n", "1:11"),
+        ("listen on localhost port 26201\nlisten on 127.0.0.1 port 26201\n", "2:11"),
     ],
 )
 def test_check_config_error_has_file_line_column(tmp_path, text: str, where: str) -> None:
