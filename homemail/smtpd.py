@@ -261,7 +261,8 @@ class Daemon:
         self.socket_path = socket_path
         self.user_mode = user_mode
         self.hostname = hostname or local_hostname()
-        self.users = UserDb(user_mode=user_mode)
+        # the system-mode worker runs as the daemon's own user, who gets no mail
+        self.users = UserDb(user_mode=user_mode, daemon_uid=None if user_mode else os.geteuid())
         self.queue: Queue = FsQueue(spool)
         # deliveries wait on fsync, not the CPU: enough threads for their syncs to be shared
         self.mda_pool = ThreadPoolExecutor(MDA_THREADS, thread_name_prefix="mda")
@@ -380,7 +381,7 @@ class Daemon:
         user = self.users.lookup(env.user)
         if user is None:
             raise mda.DeliveryError(
-                f"user {env.user!r} does not exist", permanent=True, status="5.1.1"
+                f"user {env.user!r} cannot receive mail here", permanent=True, status="5.1.1"
             )
         record: dict[str, Any] = {
             "type": "deliver",
@@ -1142,6 +1143,7 @@ def run_system(args: argparse.Namespace) -> int:
         cfg,
         parent_end,
         worker_pid=pid,
+        worker_uid=entry.pw_uid,
         spool=spool,
         hostname=socket.getfqdn() or "localhost",
         config_path=args.config,
