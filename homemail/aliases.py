@@ -15,7 +15,8 @@ user mode, from its threads; the privileged parent in system mode), so two edits
 each read the old file and the second rename drop the first one's entry.
 
 Which users exist depends on the mode: in user mode only the user running the daemon can receive
-mail; in system mode every account with a home directory except root does.
+mail; in system mode every account whose home directory exists does, except root and the daemon's
+own unprivileged user.
 """
 
 from __future__ import annotations
@@ -66,11 +67,19 @@ def current_user() -> LocalUser:
 
 
 class UserDb:
-    """Who can receive mail here."""
+    """Who can receive mail here.
 
-    def __init__(self, *, user_mode: bool, only: LocalUser | None = None) -> None:
+    In system mode: every account but root, the daemon's own unprivileged user (``daemon_uid``)
+    and accounts whose home directory does not exist (``nobody``'s ``/nonexistent``, most
+    system accounts), whose deliveries could only fail.
+    """
+
+    def __init__(
+        self, *, user_mode: bool, only: LocalUser | None = None, daemon_uid: int | None = None
+    ) -> None:
         self.user_mode = user_mode
         self.only = only or (current_user() if user_mode else None)
+        self.daemon_uid = daemon_uid
 
     def lookup(self, name: str) -> LocalUser | None:
         if self.user_mode:
@@ -83,9 +92,21 @@ class UserDb:
                 entry = pwd.getpwnam(name.lower())
             except KeyError:
                 return None
-        if entry.pw_uid == 0:
+        if entry.pw_uid in (0, self.daemon_uid) or not _has_home(entry.pw_dir):
             return None
         return _from_pwd(entry)
+
+
+def _has_home(path: str) -> bool:
+    """False when the home directory does not exist; a failure to look is not taken for that."""
+    if not os.path.isabs(path):
+        return False
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # EACCES, EIO, a stale mount: the delivery will say (and be retried)
+        return True
 
 
 def expand(

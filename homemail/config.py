@@ -20,9 +20,13 @@ File format (UTF-8), read top to bottom, one statement a line:
 - ``table NAME file:PATH`` or ``table NAME PATH`` (a file table, see ``homemail.table`` for its
   format; relative paths are taken from the configuration file's directory),
   ``table NAME { a, b }`` (inline list), ``table NAME { k = v, k2 = v2 }`` (inline map).
-- ``listen on localhost|all|socket|ADDRESS|INTERFACE [port N] [hostname NAME] [tag T]
-  [mask-src]``.
-- ``action NAME maildir ["PATH"]|mbox ["PATH"] [alias <TABLE>] [ttl DURATION]``.
+- ``listen on localhost|all|socket|ADDRESS|INTERFACE|HOST [port N] [hostname NAME] [tag T]
+  [mask-src]``; an interface is its addresses, a host name what it resolves to (see
+  ``listen_hosts``, which the daemon binds with too). Two listeners may not bind the same
+  address and port.
+- ``action NAME maildir ["PATH"]|mbox ["PATH"] [alias <TABLE>] [ttl DURATION]``; the ttl
+  is how long the action's envelopes stay queued (instead of ``queue ttl``). A path starting
+  with ``~/`` (or ``~`` alone), or relative, is the recipient's home's; ``~NAME`` is refused.
 - ``match [!]from any|local|socket|src <T>  [!]for any|local|domain <T>|rcpt-to <T>
   [[!]tag T]  action NAME|reject``; ``from`` and ``for`` default to ``local``.
 - ``queue ttl DURATION``, ``bounce warn-interval DURATION[, DURATION…]`` (up to four),
@@ -43,10 +47,13 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from homemail.mda import FORMAT_MODIFIERS, FormatError, check_format
 from homemail.table import Table, TableError, read_regular_file
 
 __all__ = [
@@ -58,8 +65,11 @@ __all__ = [
     "Listener",
     "Location",
     "Match",
+    "check_listeners",
     "default_config_text",
     "dump",
+    "interface_addresses",
+    "listen_hosts",
     "open_relay_warnings",
     "parse_file",
     "parse_string",
@@ -301,23 +311,6 @@ _REFUSAL_HINTS = {
     "virtual": "use 'alias <TABLE>' for now",
 }
 
-_FORMAT_NAMES = frozenset(
-    (
-        "sender",
-        "sender.user",
-        "sender.domain",
-        "rcpt",
-        "rcpt.user",
-        "rcpt.domain",
-        "dest",
-        "dest.user",
-        "dest.domain",
-        "user.username",
-        "user.directory",
-        "mbox.from",
-    )
-)
-
 _MACRO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NUMBER = re.compile(r"[0-9]+\Z")
 _DURATION = re.compile(r"([0-9]+)([smhd]?)\Z")
@@ -325,7 +318,6 @@ _SIZE = re.compile(r"([0-9]+)([kKmMgG]?)\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\Z")
 _INTERFACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _BACKEND = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)\Z", re.DOTALL)
-_FORMAT = re.compile(r"%\{([^}]*)\}")
 _SUB_ADDR_DELIMS = "!#$%&'*+-/=?^_`{|}~"
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -583,17 +575,21 @@ def _size(tok: _Token, what: str) -> int:
 
 
 def _check_format(tok: _Token, path: str) -> None:
-    """Check the %{…} specifiers of a delivery path template."""
-    rest = _FORMAT.sub("", path)
-    if "%{" in rest:
-        raise _error(tok, "unterminated '%{' in path", "close it with '}', as in %{user.username}")
-    for spec in _FORMAT.findall(path):
-        name = re.split(r"[\[:]", spec, maxsplit=1)[0]
-        if name not in _FORMAT_NAMES:
-            hint = _suggest(name, sorted(_FORMAT_NAMES)) or (
-                "known: " + ", ".join(sorted(_FORMAT_NAMES))
+    """Check the %{…} specifiers of a delivery path template with the delivery's own reader."""
+    try:
+        check_format(path)
+    except FormatError as err:
+        if err.word == "%{":
+            raise _error(
+                tok, "unterminated '%{' in path", "close it with '}', as in %{user.username}"
+            ) from None
+        if err.choices:
+            hint = _suggest(err.word, list(err.choices)) or "known: " + ", ".join(err.choices)
+        else:
+            hint = "a slice is [START:END], as in %{rcpt.user[0:-4]}; modifiers follow it: " + (
+                ", ".join(f":{m}" for m in FORMAT_MODIFIERS)
             )
-            raise _error(tok, f"unknown format specifier '%{{{name}}}' in path", hint)
+        raise _error(tok, f"{err} in path", hint) from None
 
 
 def _listen_address(tok: _Token) -> str:
@@ -644,6 +640,7 @@ class _Parser:
         self.tables: dict[str, Table] = {}
         self.table_locs: dict[str, Location] = {}
         self.listeners: list[Listener] = []
+        self.listen_hosts: list[tuple[Listener, list[str]]] = []  # what each one binds
         self.actions: dict[str, Action] = {}
         self.matches: list[Match] = []
         self.refs: list[_Ref] = []
@@ -938,7 +935,15 @@ class _Parser:
                     "this listener is declared twice",
                     f"the first is at {other.location}",
                 )
-        self.listeners.append(Listener(address, port, hostname, tag, mask_src, addr_tok.loc))
+        listener = Listener(address, port, hostname, tag, mask_src, addr_tok.loc)
+        if address != "socket":
+            try:
+                hosts = listen_hosts(address)
+            except ValueError as err:
+                raise _error(addr_tok, str(err), _listen_hint()) from None
+            _check_overlaps(self.listen_hosts, listener, hosts, None)
+            self.listen_hosts.append((listener, hosts))
+        self.listeners.append(listener)
 
     # action
 
@@ -972,6 +977,12 @@ class _Parser:
             path = nxt.text
             if not path:
                 raise _error(nxt, "empty path", f'{method} "~/Maildir"')
+            if path.startswith("~") and path != "~" and not path.startswith("~/"):
+                raise _error(
+                    nxt,
+                    "only '~/' is expanded in a delivery path",
+                    "'~/' is the recipient's home; write other users' paths in full",
+                )
             _check_format(nxt, path)
         alias: str | None = None
         ttl: int | None = None
@@ -1415,6 +1426,176 @@ def open_relay_warnings(cfg: Config) -> list[ConfigWarning]:
             )
         warnings.append(ConfigWarning(rule.location, message))
     return warnings
+
+
+# --- listen addresses -------------------------------------------------------------------------
+
+
+def listen_hosts(address: str) -> list[str]:
+    """The numeric addresses ``listen on ADDRESS`` binds; raises ValueError with the reason.
+
+    ``localhost`` is 127.0.0.1 and ::1, ``all`` the wildcards 0.0.0.0 and :: (each IPv6 one
+    where IPv6 works), an IP address itself, an interface name its addresses (IPv6 link-local
+    ones with their ``%SCOPE``), and any other name the addresses it resolves to.  The
+    configuration check and the daemon's bind both ask this, so what passes the one is what
+    the other binds.
+    """
+    if address == "localhost":
+        return ["127.0.0.1", "::1"] if _ipv6_usable("::1") else ["127.0.0.1"]
+    if address == "all":
+        return ["0.0.0.0", "::"] if _ipv6_usable("::") else ["0.0.0.0"]
+    try:
+        return [str(ipaddress.ip_address(address))]
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", address):
+        raise ValueError(f"'{address}' is not a valid IPv4 address")
+    try:
+        socket.if_nametoindex(address)
+    except OSError:
+        pass
+    else:
+        found = interface_addresses(address)
+        if not found:
+            raise ValueError(f"interface '{address}' has no IP address")
+        return found
+    try:
+        infos = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise ValueError(
+            f"'{address}' is neither a network interface, an IP address nor a host name that "
+            "resolves"
+        ) from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _listen_hint() -> str:
+    try:
+        names = sorted(name for _, name in socket.if_nameindex())
+    except OSError:
+        names = []
+    known = f" (interfaces here: {', '.join(names)})" if names else ""
+    return f"write localhost, all, an IP address, an interface name{known} or a host name"
+
+
+def _ipv6_usable(host: str) -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+def interface_addresses(name: str) -> list[str]:
+    """The IPv4 and IPv6 addresses of a network interface, as getifaddrs(3) lists them."""
+    import ctypes
+
+    class IfAddrs(ctypes.Structure):
+        pass
+
+    IfAddrs._fields_ = [
+        ("ifa_next", ctypes.POINTER(IfAddrs)),
+        ("ifa_name", ctypes.c_char_p),
+        ("ifa_flags", ctypes.c_uint),
+        ("ifa_addr", ctypes.c_void_p),
+        ("ifa_netmask", ctypes.c_void_p),
+        ("ifa_dstaddr", ctypes.c_void_p),
+        ("ifa_data", ctypes.c_void_p),
+    ]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        getifaddrs, freeifaddrs = libc.getifaddrs, libc.freeifaddrs
+    except (OSError, AttributeError):
+        return []
+    head = ctypes.POINTER(IfAddrs)()
+    if getifaddrs(ctypes.byref(head)) != 0:
+        return []
+    found: list[str] = []
+    try:
+        node = head
+        while node:
+            entry = node.contents
+            if entry.ifa_name == os.fsencode(name) and entry.ifa_addr:
+                text = _sockaddr_address(entry.ifa_addr, name)
+                if text is not None and text not in found:
+                    found.append(text)
+            node = entry.ifa_next
+    finally:
+        freeifaddrs(head)
+    return found
+
+
+def _sockaddr_address(pointer: int, interface: str) -> str | None:
+    """The address in a struct sockaddr, if it is an IPv4 or IPv6 one."""
+    import ctypes
+
+    head = ctypes.string_at(pointer, 2)
+    # Linux: a 16-bit sa_family; the BSDs: an 8-bit sa_len, then an 8-bit sa_family
+    family = int.from_bytes(head, sys.byteorder) if sys.platform.startswith("linux") else head[1]
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, ctypes.string_at(pointer, 8)[4:8])
+    if family == socket.AF_INET6:
+        raw = ctypes.string_at(pointer, 24)[8:24]
+        ip = ipaddress.IPv6Address(raw)
+        return f"{ip}%{interface}" if ip.is_link_local else str(ip)
+    return None
+
+
+def check_listeners(cfg: Config, default_port: int) -> None:
+    """Refuse listeners that would bind an address and port another one binds.
+
+    ``default_port`` is the port of a listener without one (the mode's).  Raises ConfigError at
+    the later listener; an address that no longer resolves is one too.
+    """
+    resolved: list[tuple[Listener, list[str]]] = []
+    for listener in cfg.listeners:
+        if listener.address == "socket":
+            continue
+        try:
+            hosts = listen_hosts(listener.address)
+        except ValueError as err:
+            hint = _listen_hint()
+            raise ConfigError(str(err), listener.location, listener.address, hint) from None
+        _check_overlaps(resolved, listener, hosts, default_port)
+        resolved.append((listener, hosts))
+
+
+def _check_overlaps(
+    earlier: list[tuple[Listener, list[str]]],
+    listener: Listener,
+    hosts: list[str],
+    default_port: int | None,
+) -> None:
+    """Raise ConfigError at ``listener`` when it binds what an earlier one binds.
+
+    Two binds collide on the same port when their addresses are equal, or are of one family and
+    one is that family's wildcard.  Without ``default_port`` a listener without a port only
+    collides with another without one.
+    """
+    port = listener.port if listener.port is not None else default_port
+    for other, other_hosts in earlier:
+        other_port = other.port if other.port is not None else default_port
+        if other_port != port:
+            continue
+        for host in hosts:
+            for other_host in other_hosts:
+                if _same_bind(host, other_host):
+                    where = f"port {port}" if port is not None else "on the default port"
+                    raise ConfigError(
+                        f"this listener binds {host} {where}, as does the one at "
+                        f"{other.location}",
+                        listener.location,
+                        listener.address,
+                        "listen on each address once, or give one of them another port",
+                    )
+
+
+def _same_bind(a: str, b: str) -> bool:
+    ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    if ip_a.version != ip_b.version:
+        return False
+    return ip_a == ip_b or ip_a.is_unspecified or ip_b.is_unspecified
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ more ``>``, and each message ends with an empty line. The mailbox is locked with
 link, has more than one hard link or is not a regular file. A failed write is truncated away.
 
 :func:`deliver_local` is the dispatch: it expands the action's path template (``%{user.directory}``
-and friends) and calls the right writer.
+and friends; a leading ``~/`` and any relative path are the recipient's home's) and calls the
+right writer.
 
 Everything here is blocking and keeps no global state but the directory-sync coordinator
 (which only lets concurrent deliveries share an fsync): the daemon runs these functions in worker
@@ -48,12 +49,20 @@ if TYPE_CHECKING:
     from homemail.queue import Envelope
 
 __all__ = [
+    "FORMAT_KEYS",
+    "FORMAT_MODIFIERS",
     "Delivery",
     "DeliveryError",
+    "FormatError",
+    "FormatSpec",
+    "check_format",
     "deliver_local",
     "deliver_maildir",
     "deliver_mbox",
+    "expand_format",
+    "mailbox_path",
     "maildir_name",
+    "parse_format",
     "prepare",
 ]
 
@@ -509,9 +518,69 @@ def _header_values(message: bytes, name: bytes) -> Iterator[str]:
 
 # -- dispatch: from an envelope and its action to one of the deliveries above -----------------
 
-_FORMAT = re.compile(r"%\{([a-z.]+)(?:\[(-?\d*):(-?\d*)\])?(?::([a-z|]+))?\}")
+_FORMAT = re.compile(r"%\{([^}]*)\}")
+_SLICE = re.compile(r"\[(-?[0-9]{1,9})?:(-?[0-9]{1,9})?\]")
 _NETWORK_KEYS = {"sender", "sender.user", "sender.domain", "rcpt", "rcpt.user", "rcpt.domain",
-                 "dest", "dest.user", "dest.domain"}
+                 "dest", "dest.user", "dest.domain", "mbox.from"}
+#: The names ``%{…}`` may use in a delivery path.
+FORMAT_KEYS = frozenset({*_NETWORK_KEYS, "user.username", "user.directory"})
+#: What may follow a name (and its slice) after ``:``, several joined by ``|``.
+FORMAT_MODIFIERS = ("lowercase", "uppercase", "strip")
+
+
+class FormatError(ValueError):
+    """A ``%{…}`` that cannot be expanded: ``word`` is the culprit, ``choices`` what would do."""
+
+    def __init__(self, message: str, word: str, choices: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.word = word
+        self.choices = choices
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One ``%{key[start:end]:mod|mod}``, as :func:`parse_format` reads it."""
+
+    key: str
+    start: int | None
+    end: int | None
+    sliced: bool
+    modifiers: tuple[str, ...]
+
+
+def parse_format(spec: str) -> FormatSpec:
+    """Read what is between ``%{`` and ``}``; raises FormatError for anything not understood."""
+    key = re.split(r"[\[:]", spec, maxsplit=1)[0]
+    if key not in FORMAT_KEYS:
+        raise FormatError(f"unknown format specifier '%{{{key}}}'", key, tuple(sorted(FORMAT_KEYS)))
+    rest = spec[len(key) :]
+    start = end = None
+    sliced = rest.startswith("[")
+    if sliced:
+        m = _SLICE.match(rest)
+        if m is None:
+            bad = rest[: rest.find("]") + 1] if "]" in rest else rest
+            raise FormatError(f"invalid slice '{bad}' of '%{{{key}}}'", bad)
+        start = int(m.group(1)) if m.group(1) else None
+        end = int(m.group(2)) if m.group(2) else None
+        rest = rest[m.end() :]
+    modifiers: tuple[str, ...] = ()
+    if rest:
+        if not rest.startswith(":"):
+            raise FormatError(f"unexpected '{rest}' after '%{{{spec[: -len(rest)]}'", rest)
+        modifiers = tuple(rest[1:].split("|"))
+        for mod in modifiers:
+            if mod not in FORMAT_MODIFIERS:
+                raise FormatError(f"unknown format modifier ':{mod}'", mod, FORMAT_MODIFIERS)
+    return FormatSpec(key, start, end, sliced, modifiers)
+
+
+def check_format(template: str) -> None:
+    """Check every ``%{…}`` of a path template, as :func:`expand_format` will read it."""
+    if "%{" in _FORMAT.sub("", template):
+        raise FormatError("unterminated '%{'", "%{")
+    for spec in _FORMAT.findall(template):
+        parse_format(spec)
 
 
 def expand_format(template: str, values: dict[str, str]) -> str:
@@ -522,24 +591,21 @@ def expand_format(template: str, values: dict[str, str]) -> str:
     """
 
     def one(m: re.Match[str]) -> str:
-        key, start, end, mods = m.group(1), m.group(2), m.group(3), m.group(4)
-        if key not in values:
-            raise DeliveryError(f"unknown format specifier %{{{key}}}", permanent=True,
-                                status="5.3.5")
-        value = values[key]
-        for mod in (mods or "").split("|"):
+        try:
+            spec = parse_format(m.group(1))
+        except FormatError as exc:
+            raise DeliveryError(str(exc), permanent=True, status="5.3.5") from None
+        value = values[spec.key]
+        for mod in spec.modifiers:
             if mod == "lowercase":
                 value = value.lower()
             elif mod == "uppercase":
                 value = value.upper()
-            elif mod == "strip":
+            else:  # strip
                 value = value.split("+", 1)[0]
-            elif mod:
-                raise DeliveryError(f"unknown format modifier :{mod}", permanent=True,
-                                    status="5.3.5")
-        if start is not None or end is not None:
-            value = value[int(start) if start else None : int(end) if end else None]
-        if key in _NETWORK_KEYS and ("/" in value or value in (".", "..") or "\0" in value):
+        if spec.sliced:
+            value = value[spec.start : spec.end]
+        if spec.key in _NETWORK_KEYS and ("/" in value or value in (".", "..") or "\0" in value):
             raise DeliveryError("unsafe value in a delivery path", permanent=True, status="5.3.5")
         return value
 
@@ -547,13 +613,27 @@ def expand_format(template: str, values: dict[str, str]) -> str:
 
 
 def format_values(sender: str, rcpt: str, dest: str, user: str, home: str) -> dict[str, str]:
-    values = {"user.username": user, "user.directory": home}
+    values = {"user.username": user, "user.directory": home, "mbox.from": sender or "MAILER-DAEMON"}
     for name, address in (("sender", sender), ("rcpt", rcpt), ("dest", dest)):
         local, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
         values[name] = address
         values[f"{name}.user"] = local
         values[f"{name}.domain"] = domain
     return values
+
+
+def mailbox_path(template: str, values: dict[str, str], home: str) -> str:
+    """The mailbox a path template names, for a recipient whose home is ``home``.
+
+    A leading ``~/`` (or ``~`` alone) is the home; a path that is still relative once expanded
+    is taken from the home too (never from the daemon's working directory).
+    """
+    if template == "~":
+        return home
+    if template.startswith("~/"):
+        return home.rstrip("/") + "/" + expand_format(template[2:], values)
+    path = expand_format(template, values)
+    return path if os.path.isabs(path) else os.path.join(home, path)
 
 
 def deliver_local(action: Action, user: LocalUser, env: Envelope, message: bytes,
@@ -563,12 +643,10 @@ def deliver_local(action: Action, user: LocalUser, env: Envelope, message: bytes
     d = Delivery(evpid=env.evpid, ctime=int(env.ctime), sender=env.sender, rcpt=env.rcpt,
                  dest=env.dest, user=user.name, hostname=hostname, recovered=env.recovered)
     if action.method == "maildir":
-        path = expand_format(action.path or "%{user.directory}/Maildir", values)
-        if not os.path.isabs(path):
-            path = os.path.join(user.home, path)
+        path = mailbox_path(action.path or "~/Maildir", values, user.home)
         deliver_maildir(path, message, d)
     elif action.method == "mbox":
-        path = expand_format(action.path or "/var/mail/%{user.username}", values)
+        path = mailbox_path(action.path or "/var/mail/%{user.username}", values, user.home)
         deliver_mbox(path, message, d)
     else:
         raise DeliveryError(f"delivery method {action.method!r} is not supported",

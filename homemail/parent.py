@@ -33,8 +33,9 @@ Parent → worker: ``result`` {id, ok, permanent, status, text}, ``offline`` {na
 the checked file as one fd (its header line, then the message or, when ``refused``, its start),
 ``reload`` {add, remove, moved} with the new listeners' sockets as fds (or {error}), and ``stop``.
 The parent validates every request it gets: a compromised worker can only ask for deliveries
-the configuration allows — an action that exists, a user that exists and is not root, and a
-recipient that the rules and aliases really send to that user with that action.
+the configuration allows — an action that exists, a user that exists, has a home directory and
+is neither root nor the worker's own user, and a recipient that the rules and aliases really send
+to that user with that action.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ class Parent:
         spool: str,
         hostname: str,
         config_path: str | None,
+        worker_uid: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.channel = channel
@@ -219,7 +221,7 @@ class Parent:
         self.spool = spool
         self.hostname = hostname
         self.config_path = config_path
-        self.users = UserDb(user_mode=False)
+        self.users = UserDb(user_mode=False, daemon_uid=worker_uid)
         self.ruleset = Ruleset(cfg, self.users, hostname)
         self.children: dict[int, _Child] = {}  # by pipe fd
         self.waiting: list[tuple[dict[str, Any], int]] = []  # deliveries over MAX_CHILDREN
@@ -447,6 +449,10 @@ class Parent:
             raise ChannelError(f"no user {user_name!r}") from None
         if entry.pw_uid == 0 or entry.pw_gid == 0:
             raise ChannelError("delivery as root is refused: alias root to a person")
+        if self.users.lookup(entry.pw_name) is None:
+            raise ChannelError(
+                f"user {user_name!r} cannot receive mail (the daemon's own, or without a home)"
+            )
         try:
             address = parse_mailbox(rcpt, allow_bare_postmaster=True)
         except AddressError:

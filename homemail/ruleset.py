@@ -36,6 +36,7 @@ class Target:
     action: str
     dest: str  # final address, e.g. bob@localhost
     user: str
+    ttl: int | None = None  # the action's ttl: its envelopes expire then, not at queue ttl
 
 
 class Rejected(Exception):
@@ -163,7 +164,7 @@ class Ruleset:
             except ExpansionError as exc:
                 raise Rejected(exc.code, exc.status, exc.text) from None
             domain = rcpt.domain or self.hostname
-            return [Target(action.name, f"{u.name}@{domain}", u.name) for u in users]
+            return [Target(action.name, f"{u.name}@{domain}", u.name, action.ttl) for u in users]
         if rcpt.domain and not self.is_local_domain(rcpt.domain):
             raise Rejected(550, "5.7.1", "Relaying denied")
         raise Rejected(550, "5.1.1", "Invalid recipient")

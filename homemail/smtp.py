@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, syntax
 
 from homemail import log
 from homemail.address import AddressError, check_domain, parse_path
-from homemail.config import Listener
+from homemail.config import Listener, listen_hosts
 from homemail.queue import Envelope, QueueError, format_id, new_evpid, new_msgid, random_bits
 from homemail.ruleset import Rejected, Ruleset, Source, Target, source_for
 
@@ -735,7 +735,10 @@ def _rfc5322_date(second: int) -> str:
 def make_envelopes(
     txn: Transaction, msgid: int, *, now: float, ttl: int, uid: int, src: str, helo: str
 ) -> list[Envelope]:
-    """One envelope per distinct (action, destination) among the transaction's recipients."""
+    """One envelope per distinct (action, destination) among the transaction's recipients.
+
+    An envelope expires ``ttl`` seconds from ``now`` (``queue ttl``), or its action's own ttl.
+    """
     seen: set[tuple[str, str]] = set()
     envelopes = []
     for rcpt in txn.recipients:
@@ -752,7 +755,7 @@ def make_envelopes(
                     user=target.user,
                     action=target.action,
                     ctime=now,
-                    expire=now + ttl,
+                    expire=now + (target.ttl or ttl),
                     next_try=now,
                     smtputf8=txn.smtputf8,
                     body=txn.body,
@@ -921,31 +924,18 @@ def listener_key(listener: Listener, port: int) -> ListenerKey:
     return (listener.address, port, listener.hostname or "", listener.tag or "", listener.mask_src)
 
 
-def listener_hosts(address: str) -> list[str]:
-    if address == "localhost":
-        return ["127.0.0.1", "::1"] if _ipv6_usable("::1") else ["127.0.0.1"]
-    if address == "all":
-        return ["0.0.0.0", "::"] if _ipv6_usable("::") else ["0.0.0.0"]
-    return [address]
-
-
-def _ipv6_usable(host: str) -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-        return True
-    except OSError:
-        return False
-
-
 def bind_listener(address: str, port: int) -> list[socket.socket]:
     """Bind (not yet serve) the sockets of one listener, with a backlog of 1024.
 
     The privileged parent binds port 25 this way and hands the sockets to the worker.
     """
+    try:
+        hosts = listen_hosts(address)  # as the configuration check resolved it
+    except ValueError as exc:
+        raise OSError(f"cannot listen on {address} port {port}: {exc}") from None
     socks: list[socket.socket] = []
     try:
-        for host in listener_hosts(address):
+        for host in hosts:
             infos = socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST
             )

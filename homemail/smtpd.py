@@ -42,8 +42,10 @@ from homemail.config import (
     Location,
     alias_tables,
     aliases_file,
+    check_listeners,
     default_aliases_text,
     default_config_text,
+    dump,
     parse_file,
     parse_string,
 )
@@ -154,8 +156,24 @@ def record_offline_dir(socket_path: str, spool: str) -> None:
         log.warning(f"cannot record the offline spool beside {socket_path}: {exc}")
 
 
-def load_config(path: str | None, *, system: bool = False) -> Config:
-    """The file's configuration, or the embedded default (user mode creates its aliases)."""
+def system_mode(user_mode: bool) -> bool:
+    """Whether ``run`` starts system mode: as root, unless ``--user-mode``."""
+    return os.geteuid() == 0 and not user_mode
+
+
+def load_config(path: str | None, *, system: bool = False, create: bool = True) -> Config:
+    """The file's configuration, or the embedded default.
+
+    User mode's default keeps its aliases in a file it creates on first use; without ``create``
+    (a check, which writes nothing) a missing file is read as the default it would be created
+    with.  Listeners that would bind the same address and port are refused (ConfigError).
+    """
+    cfg = _read_config(path, system=system, create=create)
+    check_listeners(cfg, SYSTEM_PORT if system else USER_MODE_PORT)
+    return cfg
+
+
+def _read_config(path: str | None, *, system: bool, create: bool) -> Config:
     if path is not None:
         return parse_file(path)
     if system:
@@ -165,6 +183,8 @@ def load_config(path: str | None, *, system: bool = False) -> Config:
     user = current_user().name
     aliases = user_aliases_path()
     if not os.path.exists(aliases):
+        if not create:
+            return parse_string(default_config_text(user), "<embedded>")
         try:
             os.makedirs(os.path.dirname(aliases), mode=0o700, exist_ok=True)
             with open(aliases, "x", encoding="utf-8") as f:
@@ -250,7 +270,8 @@ class Daemon:
         self.socket_path = socket_path
         self.user_mode = user_mode
         self.hostname = hostname or local_hostname()
-        self.users = UserDb(user_mode=user_mode)
+        # the system-mode worker runs as the daemon's own user, who gets no mail
+        self.users = UserDb(user_mode=user_mode, daemon_uid=None if user_mode else os.geteuid())
         self.queue: Queue = FsQueue(spool)
         # deliveries wait on fsync, not the CPU: enough threads for their syncs to be shared
         self.mda_pool = ThreadPoolExecutor(MDA_THREADS, thread_name_prefix="mda")
@@ -350,7 +371,7 @@ class Daemon:
                 user=t.user,
                 action=t.action,
                 ctime=now,
-                expire=now + self.cfg.queue_ttl,
+                expire=now + (t.ttl or self.cfg.queue_ttl),
                 next_try=now,
                 bounce=True,
                 src="local",
@@ -369,7 +390,7 @@ class Daemon:
         user = self.users.lookup(env.user)
         if user is None:
             raise mda.DeliveryError(
-                f"user {env.user!r} does not exist", permanent=True, status="5.1.1"
+                f"user {env.user!r} cannot receive mail here", permanent=True, status="5.1.1"
             )
         record: dict[str, Any] = {
             "type": "deliver",
@@ -951,7 +972,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the configuration and exit (same as check-config)",
     )
-    parser.add_argument("-f", dest="config_top", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "-f",
+        dest="config_top",
+        metavar="FILE",
+        help="configuration file, for run and check-config (as in 'homemail -n -f FILE')",
+    )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument(
@@ -975,27 +1001,50 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"system mode: the unprivileged user of the worker ({DEFAULT_USER})",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
-    check = sub.add_parser("check-config", help="check the configuration and exit")
-    check.add_argument("-f", "--config", metavar="FILE")
+    check = sub.add_parser(
+        "check-config",
+        help="check the configuration run would use and exit",
+        description="Check the configuration 'run' would use, with the same options; "
+        "nothing is written.",
+    )
+    check.add_argument("-f", "--config", metavar="FILE", help="configuration file")
+    check.add_argument(
+        "--user-mode",
+        action="store_true",
+        help="as root: check user mode's configuration (as 'run --user-mode' would use)",
+    )
+    check.add_argument(
+        "-v", "--verbose", action="store_true", help="also print the effective configuration"
+    )
     check.add_argument("-n", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
-def check_config(path: str | None) -> int:
+def check_config(path: str | None, *, user_mode: bool = False, verbose: bool = False) -> int:
+    """Check what ``run`` with the same options would load, without writing anything."""
+    system = system_mode(user_mode)
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, system=system, create=False)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
     for warning in cfg.warnings:
         print(warning, file=sys.stderr)
+    if path is None and not system and not os.path.exists(user_aliases_path()):
+        print(
+            f"note: {user_aliases_path()} does not exist yet; 'homemail run' creates it "
+            "with these aliases",
+            file=sys.stderr,
+        )
+    if verbose:
+        sys.stdout.write(dump(cfg))
     print(f"{cfg.path}: configuration OK")
     return EX_OK
 
 
 def run(args: argparse.Namespace) -> int:
     log.setup(args.verbose)
-    if os.geteuid() == 0 and not args.user_mode:
+    if system_mode(args.user_mode):
         return run_system(args)
     try:
         cfg = load_config(args.config)
@@ -1129,6 +1178,7 @@ def run_system(args: argparse.Namespace) -> int:
         cfg,
         parent_end,
         worker_pid=pid,
+        worker_uid=entry.pw_uid,
         spool=spool,
         hostname=socket.getfqdn() or "localhost",
         config_path=args.config,
@@ -1176,9 +1226,19 @@ def _rebind(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # OpenSMTPD's habit: "homemail -f FILE run" is "homemail run -f FILE"
+    config = getattr(args, "config", None)
+    if args.config_top is not None and config is not None and args.config_top != config:
+        parser.error(f"two configuration files: -f {args.config_top} and -f {config}")
+    config = config or args.config_top
     if args.check_only or args.command == "check-config":
-        return check_config(getattr(args, "config", None) or args.config_top)
+        return check_config(
+            config,
+            user_mode=getattr(args, "user_mode", False),
+            verbose=getattr(args, "verbose", False),
+        )
     if args.command == "run":
+        args.config = config
         return run(args)
     parser.print_help(sys.stderr)
     return EX_USAGE

@@ -16,8 +16,10 @@ from homemail.config import (
     Match,
     alias_tables,
     aliases_file,
+    check_listeners,
     default_config_text,
     dump,
+    listen_hosts,
     open_relay_warnings,
     parse_file,
     parse_string,
@@ -523,6 +525,69 @@ def test_table_trailing_tokens() -> None:
 # --- listen -----------------------------------------------------------------------------------
 
 
+def test_listen_on_an_interface_binds_its_addresses() -> None:
+    assert parse("listen on lo port 26201\n").listeners[0].address == "lo"
+    hosts = listen_hosts("lo")
+    assert "127.0.0.1" in hosts
+    assert set(hosts) <= {"127.0.0.1", "::1"}
+    assert listen_hosts("localhost")[0] == "127.0.0.1"
+    assert listen_hosts("::0001") == ["::1"]
+
+
+@pytest.mark.parametrize(
+    ("address", "error"),
+    [
+        ("999.1.1.1", "'999.1.1.1' is not a valid IPv4 address"),
+        (
+            "nosuchif0",
+            "'nosuchif0' is neither a network interface, an IP address nor a host name that "
+            "resolves",
+        ),
+    ],
+)
+def test_listen_on_what_is_no_address_interface_or_host(address: str, error: str) -> None:
+    err = fail(f"listen on localhost port 2526\nlisten on {address} port 2525\n")
+    assert (err.location, err.message, err.token) == (loc(2, 11), error, address)
+    assert err.hint is not None and "interfaces here: " in err.hint and "lo" in err.hint
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "host"),
+    [
+        ("localhost port 26201", "127.0.0.1 port 26201", "127.0.0.1 port 26201"),
+        ("127.0.0.1 port 26201", "lo port 26201", "127.0.0.1 port 26201"),
+        ("all port 25", "127.0.0.1 port 25", "127.0.0.1 port 25"),
+        ("192.168.1.10", "all", "0.0.0.0 on the default port"),
+        ("localhost", "127.0.0.1", "127.0.0.1 on the default port"),
+    ],
+)
+def test_listeners_binding_the_same_address_and_port(first: str, second: str, host: str) -> None:
+    err = fail(f"listen on {first}\nlisten on {second}\n")
+    assert err.location == loc(2, 11)
+    assert err.message == f"this listener binds {host}, as does the one at {loc(1, 11)}"
+    assert err.hint == "listen on each address once, or give one of them another port"
+
+
+def test_listeners_on_other_ports_or_families_do_not_collide() -> None:
+    cfg = parse(
+        "listen on localhost port 25\nlisten on 127.0.0.1 port 26\n"
+        "listen on 127.0.0.1\nlisten on 192.168.1.10 port 26\nlisten on socket\n"
+    )
+    assert len(cfg.listeners) == 5
+    check_listeners(parse("listen on 127.0.0.1 port 25\nlisten on ::1 port 25\n"), 25)
+
+
+def test_a_listener_without_a_port_collides_with_the_modes_default() -> None:
+    cfg = parse("listen on localhost\nlisten on 127.0.0.1 port 25\n")
+    check_listeners(cfg, 2525)  # user mode: 2525 and 25
+    with pytest.raises(ConfigError) as info:
+        check_listeners(cfg, 25)  # system mode: 25 twice
+    assert str(info.value).startswith(
+        "<embedded>:2:11: error: this listener binds 127.0.0.1 port 25, as does the one at "
+        "<embedded>:1:11 near '127.0.0.1'"
+    )
+
+
 def test_listen_forms() -> None:
     cfg = parse(
         "listen on localhost\n"
@@ -530,7 +595,7 @@ def test_listen_forms() -> None:
         "listen on socket mask-src tag SOCK\n"
         "listen on 192.168.1.10 port 587 hostname mail.example.org tag LAN mask-src\n"
         "listen on ::1 port 2525\n"
-        "listen on eth0 port 2526\n"
+        "listen on lo port 2526\n"
         'listen on "fe80::1%eth0" port 2527\n'
     )
     assert cfg.listeners == [
@@ -539,7 +604,7 @@ def test_listen_forms() -> None:
         Listener("socket", None, None, "SOCK", True, loc(3, 11)),
         Listener("192.168.1.10", 587, "mail.example.org", "LAN", True, loc(4, 11)),
         Listener("::1", 2525, None, None, False, loc(5, 11)),
-        Listener("eth0", 2526, None, None, False, loc(6, 11)),
+        Listener("lo", 2526, None, None, False, loc(6, 11)),
         Listener("fe80::1%eth0", 2527, None, None, False, loc(7, 11)),
     ]
     assert cfg.listeners[3].location == loc(4, 11)
@@ -863,6 +928,41 @@ def test_action_format_specifiers_with_slices() -> None:
         'action "a" maildir "/m/%{rcpt.domain}/%{rcpt.user[0:-4]:strip}"\nmatch action "a"\n'
     )
     assert cfg.actions["a"].path == "/m/%{rcpt.domain}/%{rcpt.user[0:-4]:strip}"
+
+
+def test_action_path_tilde() -> None:
+    assert parse('action "a" mbox "~/inbox"\n').actions["a"].path == "~/inbox"
+    assert parse('action "a" maildir "~"\n').actions["a"].path == "~"
+    assert message('action "a" maildir "~bob/Maildir"\n') == (
+        "<embedded>:1:20: error: only '~/' is expanded in a delivery path near '~bob/Maildir'\n"
+        "  hint: '~/' is the recipient's home; write other users' paths in full"
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "hint"),
+    [
+        (
+            "/x/%{rcpt.user:badmod}",
+            "unknown format modifier ':badmod' in path",
+            "known: lowercase, uppercase, strip",
+        ),
+        ("/x/%{rcpt:lowercase|upercase}", "unknown format modifier ':upercase' in path", "did"),
+        ("/x/%{rcpt.user[a:b]}", "invalid slice '[a:b]' of '%{rcpt.user}' in path", "a slice"),
+        ("/x/%{rcpt.user[2]}", "invalid slice '[2]' of '%{rcpt.user}' in path", "a slice"),
+        ("/x/%{rcpt.user[0:2", "unterminated '%{' in path", "close it"),
+        ("/x/%{rcpt.user[0:2]x}", "unexpected 'x' after '%{rcpt.user[0:2]' in path", "a slice"),
+    ],
+)
+def test_action_bad_format_modifier_or_slice(path: str, error: str, hint: str) -> None:
+    err = fail(f'action "a" maildir "{path}"\n')
+    assert (err.location, err.message, err.token) == (loc(1, 20), error, path)
+    assert err.hint is not None and err.hint.startswith(hint)
+
+
+def test_action_format_modifiers_and_slices_that_deliveries_take() -> None:
+    for path in ("/x/%{rcpt.user:lowercase|strip}", "/x/%{dest[-4:]}", "/x/%{mbox.from[:3]}"):
+        assert parse(f'action "a" mbox "{path}"\n').actions["a"].path == path
 
 
 def test_action_empty_path() -> None:
@@ -1320,7 +1420,7 @@ def test_dump_round_trip(tmp_path: Path) -> None:
         'table doms { "local" = x, example.org = "a b" }\n'
         'listen on localhost port 2525 tag "local" hostname mail.example.org mask-src\n'
         "listen on socket\n"
-        'listen on "eth0"\n'
+        'listen on "lo"\n'
         'action "local" maildir "~/Mail/%{dest.user}" alias <aliases> ttl 90m\n'
         'action "box" mbox ttl 61\n'
         'match from src <nets> !for domain <doms> !tag "local" action "local"\n'

@@ -671,3 +671,92 @@ def test_concurrent_deliveries_share_directory_syncs(
     assert errors == []
     assert len(os.listdir(tmp_path / "new")) == 16
     assert 1 <= len(dir_syncs) < 16
+
+
+# --- deliver_local: where the action's path leads ------------------------------------------------
+
+
+def _deliver_local(method: str, path: str | None, home: Path) -> None:
+    from homemail.aliases import LocalUser
+    from homemail.config import Action, Location
+    from homemail.queue import Envelope
+
+    action = Action("a", method, path, None, None, Location("<test>", 1, 1))  # type: ignore[arg-type]
+    user = LocalUser("bob", os.getuid(), os.getgid(), str(home))
+    env = Envelope(
+        evpid=(5 << 32) | 1,
+        sender="alice@example.org",
+        rcpt="bob@localhost",
+        dest="bob@localhost",
+        user="bob",
+        action="a",
+        ctime=1700000000,
+        expire=0,
+    )
+    mda.deliver_local(action, user, env, MESSAGE, "mail.example.org")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "lands"),
+    [
+        ("maildir", "~/TildeMaildir", "TildeMaildir/new"),
+        ("maildir", "~/Mail/%{rcpt.user:lowercase}", "Mail/bob/new"),
+        ("maildir", "RelMaildir", "RelMaildir/new"),
+        ("maildir", None, "Maildir/new"),
+        ("mbox", "~/tilde.mbox", "tilde.mbox"),
+        ("mbox", "relmbox", "relmbox"),
+        ("mbox", "mail/%{user.username}", "mail/bob"),
+    ],
+)
+def test_tilde_and_relative_paths_are_the_recipients_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, path: str | None, lands: str
+) -> None:
+    home = tmp_path / "home"
+    (home / "mail").mkdir(parents=True)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the daemon's working directory is not the home
+    _deliver_local(method, path, home)
+    target = home / lands
+    found = list(target.iterdir()) if method == "maildir" else [target]
+    assert len(found) == 1 and b"Delivered-To: bob@localhost\n" in found[0].read_bytes()
+    assert list(elsewhere.iterdir()) == []
+    assert not (home / "~").exists()
+
+
+def test_a_lone_tilde_is_the_home_itself(tmp_path: Path) -> None:
+    _deliver_local("maildir", "~", tmp_path)
+    assert len(list((tmp_path / "new").iterdir())) == 1
+
+
+# --- path templates: the configuration check reads them as deliveries do ----------------------
+
+SPECS = st.text(alphabet="rcpt.userdomainmbxfoy[]:|-0123456789lowercasestrip%{}XY", max_size=30)
+
+
+@given(st.sampled_from(sorted(mda.FORMAT_KEYS)), SPECS)
+@settings(max_examples=300)
+def test_what_the_check_accepts_expands_and_what_it_refuses_fails(key: str, tail: str) -> None:
+    template = f"/m/%{{{key}{tail}}}/x"
+    values = mda.format_values("a@b.example", "bob+x@c.example", "bob@c.example", "bob", "/h")
+    try:
+        mda.check_format(template)
+    except mda.FormatError:
+        with pytest.raises(DeliveryError) as info:
+            mda.expand_format(template, values)
+        assert info.value.permanent and info.value.status == "5.3.5"
+    else:
+        try:
+            assert "%{" not in mda.expand_format(template, values)
+        except DeliveryError as exc:  # a slice may leave "." of a domain, say
+            assert exc.text == "unsafe value in a delivery path"
+
+
+def test_expand_format_modifiers_slices_and_mbox_from() -> None:
+    values = mda.format_values("", "Bob+tag@Example.org", "bob@example.org", "bob", "/home/bob")
+    assert mda.expand_format("%{rcpt.user:strip|lowercase}", values) == "bob"
+    assert mda.expand_format("%{rcpt.domain[0:3]:uppercase}", values) == "EXA"
+    assert mda.expand_format("%{dest[-3:]}", values) == "org"
+    assert mda.expand_format("%{mbox.from}", values) == "MAILER-DAEMON"
+    with pytest.raises(DeliveryError, match="unknown format modifier ':badmod'"):
+        mda.expand_format("/x/%{rcpt.user:badmod}", values)

@@ -1,4 +1,5 @@
-"""Session on a real socket: the idle timeout, and the command tables every session gets."""
+"""Session on a real socket: the idle timeout, and the command tables every session gets; the
+envelopes a transaction makes."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import time
 
 import pytest
 
+from homemail.address import parse_mailbox
 from homemail.aliases import UserDb
 from homemail.config import Listener, Location, parse_string
-from homemail.ruleset import Ruleset
-from homemail.smtp import ServerContext, Session
+from homemail.ruleset import LOCAL_SOURCE, Ruleset
+from homemail.smtp import Recipient, ServerContext, Session, Transaction, make_envelopes
 
 TIMEOUT = 0.5
 
@@ -153,3 +155,22 @@ async def test_later_sessions_know_the_same_commands_as_the_first(
     for session, (smtp, auth) in zip(sessions, tables, strict=True):  # bound to their own session
         assert all(method.__self__ is session for method in smtp.values())
         assert all(m.method.__self__ is session for m in auth.values() if m.is_builtin)
+
+
+def test_an_actions_ttl_is_its_envelopes_expiry() -> None:
+    user = pwd.getpwuid(os.getuid()).pw_name
+    cfg = parse_string(
+        f'table aliases {{ brief = "{user}" }}\n'
+        f'table briefrcpts {{ "brief@localhost" }}\n'
+        'action "brief" maildir alias <aliases> ttl 30s\n'
+        'action "l" maildir alias <aliases>\n'
+        'match for rcpt-to <briefrcpts> action "brief"\n'
+        'match for local action "l"\n'
+    )
+    ruleset = Ruleset(cfg, UserDb(user_mode=True), "mx.test")
+    txn = Transaction(sender="a@example.org")
+    for rcpt in ("brief@localhost", f"{user}@localhost"):
+        address = parse_mailbox(rcpt)
+        txn.recipients.append(Recipient(rcpt, ruleset.route(LOCAL_SOURCE, address)))
+    envelopes = make_envelopes(txn, 7, now=1000.0, ttl=3600, uid=-1, src="local", helo="")
+    assert {(e.action, e.expire) for e in envelopes} == {("brief", 1030.0), ("l", 4600.0)}

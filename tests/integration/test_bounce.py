@@ -244,6 +244,30 @@ def test_expiry_after_queue_ttl_bounces(mta: Daemon) -> None:
     assert re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", rcpt["status"]), rcpt
 
 
+@pytest.mark.timeout(90)
+def test_expiry_after_the_actions_own_ttl_bounces(mta: Daemon) -> None:
+    """An action's ttl, not queue ttl (4 days here), is when its envelopes expire."""
+    make_flaky(mta)
+    mta.start(
+        CONFIG.replace('"@DIR@/flaky" alias <aliases>', '"@DIR@/flaky" alias <aliases> ttl 3s')
+    )
+    tok = token()
+    mark = mta.log_mark()
+    accepted_msgid(
+        send(
+            mta,
+            "alice@localhost",
+            ["flaky@localhost"],
+            f"Subject: brief {tok}\r\n\r\nnever\r\n".encode(),
+        )
+    )
+    mta.wait_for_log(r"mda delivery .*result=TempFail", since=mark)
+    stored = wait_for_dsn(mta, "Failure", tok, timeout=45)
+    _, blocks, _ = report(stored)
+    [rcpt] = recipient_blocks(blocks)
+    assert rcpt["action"].lower() == "failed", rcpt
+
+
 def test_user_of_the_daemon_is_named_in_the_log(mta: Daemon) -> None:
     mta.start(CONFIG)
     tok = token()

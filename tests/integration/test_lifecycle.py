@@ -402,6 +402,37 @@ def test_run_with_a_bad_config_exits_78(daemon: Daemon) -> None:
     assert f"{daemon.config_path}:2:" in result.stderr, result.stderr
 
 
+def test_listen_on_an_interface_name(daemon: Daemon) -> None:
+    """OpenSMTPD's grammar takes an interface name: lo is 127.0.0.1 (and ::1)."""
+    daemon.start(DEFAULT_CONFIG.replace("listen on 127.0.0.1", "listen on lo"))
+    tok = token()
+    accepted_msgid(
+        send(daemon, "alice@localhost", [LOCAL_RCPT], f"Subject: {tok}\r\n\r\nx\r\n".encode())
+    )
+    daemon.wait_for_message(tok)
+
+
+def test_run_refuses_listeners_on_the_same_address_and_default_port(daemon: Daemon) -> None:
+    """Without a port, user mode listens on 2525: the check knows the mode, as run does."""
+    daemon.config_path.parent.mkdir(parents=True, exist_ok=True)
+    daemon.config_path.write_text("listen on localhost\nlisten on 127.0.0.1 port 2525\n")
+    result = subprocess.run(
+        daemon.command(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=daemon.env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 78, result.stderr
+    assert f"{daemon.config_path}:2:11: error: this listener binds 127.0.0.1 port 2525" in (
+        result.stderr
+    )
+    checked = run_homemail("check-config", "--user-mode", "-f", str(daemon.config_path))
+    assert checked.returncode == 78, checked
+    assert checked.stderr == result.stderr
+
+
 # -- check-config ----------------------------------------------------------------------------
 
 
@@ -440,6 +471,11 @@ def test_check_config_ok(tmp_path) -> None:
         ('listen on 127.0.0.1\ntable t { a = "b"\n', r"[23]:\d+"),
         ("smtp max-message-size lots\n", "1:23"),
         ('listen on 127.0.0.1\n\taction "x" maildir\tfrobnicate\n', r"2:\d+"),
+        ('action "x" maildir "/x/%{rcpt.user:badmod}"\n', "1:20"),
+        ('action "x" mbox "/x/%{rcpt.user[a:]}"\n', "1:17"),
+        ("listen on 999.1.1.1\n", "1:11"),
+        ("listen on nosuchif0\n", "1:11"),
+        ("listen on localhost port 26201\nlisten on 127.0.0.1 port 26201\n", "2:11"),
     ],
 )
 def test_check_config_error_has_file_line_column(tmp_path, text: str, where: str) -> None:
@@ -468,6 +504,85 @@ def test_check_config_missing_file(tmp_path) -> None:
     assert result.returncode == 78, result
     assert "absent.conf" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_file_named_before_the_subcommand_is_the_one_run_uses(daemon: Daemon) -> None:
+    """OpenSMTPD's habit, ``homemail -f FILE run``, runs FILE, not the embedded default."""
+    command = daemon.command()
+    where = command.index("-f")
+    config = command[where : where + 2]
+    del command[where : where + 2]
+    command[command.index("run") : command.index("run")] = config
+    daemon.command = lambda **_: command  # type: ignore[method-assign]
+    daemon.start()
+    tok = token()
+    accepted_msgid(
+        send(daemon, "alice@localhost", [LOCAL_RCPT], f"Subject: {tok}\r\n\r\nx\r\n".encode())
+    )
+    daemon.wait_for_message(tok)
+    checked = run_homemail("-f", str(daemon.config_path), "check-config")
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == f"{daemon.config_path}: configuration OK\n"
+
+
+def test_two_different_files_before_and_after_the_subcommand_are_refused(tmp_path) -> None:
+    for sub in ("run", "check-config"):
+        result = run_homemail("-f", str(tmp_path / "a.conf"), sub, "-f", str(tmp_path / "b.conf"))
+        assert result.returncode == 2, result
+        assert "two configuration files" in result.stderr
+
+
+def _without_files_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env["HOME"] = str(home)
+    return env
+
+
+def test_check_config_writes_nothing(tmp_path) -> None:
+    """Without -f, user mode's default names an aliases file run creates; a check does not."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _without_files_env(home)
+    for extra in ([], ["--user-mode"]) if os.geteuid() == 0 else ([],):
+        result = run_homemail("check-config", *extra, env=env)
+        assert result.returncode == 0, result.stderr
+        assert list(home.iterdir()) == [], f"check-config {extra} wrote {list(home.rglob('*'))}"
+    if os.geteuid() == 0:
+        assert "does not exist yet" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="system mode is root's")
+def test_check_config_as_root_checks_what_run_would_use(tmp_path) -> None:
+    from homemail.config import parse_string
+    from homemail.smtpd import SYSTEM_CONFIG, system_default_config
+
+    env = _without_files_env(tmp_path)
+    system = run_homemail("check-config", "-v", env=env)
+    assert system.returncode == 0, system.stderr
+    if os.path.exists(SYSTEM_CONFIG):
+        assert system.stdout.endswith(f"{SYSTEM_CONFIG}: configuration OK\n")
+    else:
+        shown = system.stdout.removesuffix("<embedded>: configuration OK\n")
+        assert parse_string(shown) == parse_string(system_default_config())
+        assert "listen on localhost\n" in shown  # port 25, system mode's
+    user = run_homemail("check-config", "-v", "--user-mode", env=env)
+    assert user.returncode == 0, user.stderr
+    assert "listen on localhost port 2525\n" in user.stdout
+    assert user.stdout.endswith("<embedded>: configuration OK\n")
+
+
+def test_check_config_verbose_prints_the_effective_configuration(tmp_path) -> None:
+    from homemail.config import parse_file, parse_string
+
+    cfg = tmp_path / "smtpd.conf"
+    cfg.write_text('listen on 127.0.0.1 port 2526\naction "l" maildir ttl 1h\nmatch action "l"\n')
+    for args in (["check-config", "-v", "-f", str(cfg)], ["-f", str(cfg), "check-config", "-v"]):
+        result = run_homemail(*args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"# effective configuration of {cfg}\n")
+        shown = result.stdout.removesuffix(f"{cfg}: configuration OK\n")
+        assert shown != result.stdout
+        assert parse_string(shown) == parse_file(str(cfg))
 
 
 def test_homemail_cli_entry_point_exists() -> None:

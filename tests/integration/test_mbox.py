@@ -132,3 +132,44 @@ def test_mbox_delivery_byte_exact_and_separated(daemon: Daemon) -> None:
     assert text.startswith(b"From MAILER-DAEMON ")
     # every separator line is preceded by an empty line, and only "From " at line start counts
     assert text.count(b"\nFrom ") == 1, text
+
+
+HOME_PATHS = """\
+table aliases { tilde = "@USER@", relbox = "@USER@", tildebox = "@USER@" }
+table tildercpts { "tilde@localhost" }
+table relrcpts { "relbox@localhost" }
+table tildeboxrcpts { "tildebox@localhost" }
+listen on 127.0.0.1 port @PORT@
+action "tilde" maildir "~/TildeMaildir" alias <aliases>
+action "relbox" mbox "relmbox" alias <aliases>
+action "tildebox" mbox "~/tilde.mbox" alias <aliases>
+action "local" maildir "@MAILDIR@" alias <aliases>
+match from local for rcpt-to <tildercpts> action "tilde"
+match from local for rcpt-to <relrcpts> action "relbox"
+match from local for rcpt-to <tildeboxrcpts> action "tildebox"
+match from local for local action "local"
+"""
+
+
+def test_tilde_and_relative_paths_lead_to_the_recipients_home(daemon: Daemon) -> None:
+    home = daemon.dir / "user-home"  # not the daemon's working directory (daemon.home)
+    home.mkdir(parents=True)
+    daemon.env["HOME"] = str(home)
+    daemon.start(HOME_PATHS)
+    tok = token()
+    accepted_msgid(
+        send(
+            daemon,
+            "alice@localhost",
+            ["tilde@localhost", "relbox@localhost", "tildebox@localhost"],
+            f"Subject: {tok}\r\n\r\nhome paths\r\n".encode(),
+        )
+    )
+    daemon.wait_for_message(tok, home / "TildeMaildir")
+    for name in ("relmbox", "tilde.mbox"):
+        box = home / name
+        assert poll(lambda box=box: box.exists() and tok.encode() in box.read_bytes(), 20), (
+            daemon.log()
+        )
+    assert not (home / "~").exists()
+    assert not (daemon.home / "relmbox").exists()

@@ -251,6 +251,28 @@ def test_mail_for_root_is_refused(system: SystemDaemon) -> None:
     assert reply.startswith(b"5.1.1")
 
 
+def test_accounts_that_cannot_receive_mail_are_refused_at_rcpt(system: SystemDaemon) -> None:
+    """nobody's home is /nonexistent, and the daemon's own user gets no mail: 550 at RCPT,
+    not a 250 and then four days of failing deliveries."""
+    system.write_config(CONFIG.replace('"hmsys1, hmsys2"', '"hmsys1, nobody"'))
+    system.start("--user", "hmsys2")  # the worker runs as hmsys2, who has a home
+    assert pwd.getpwnam("nobody").pw_dir == "/nonexistent"
+    replies = {}
+    for rcpt in ("nobody@localhost", "hmsys2@localhost", "team@localhost", "hmsys1@localhost"):
+        with smtplib.SMTP("127.0.0.1", system.port, timeout=10) as client:
+            client.ehlo()
+            client.mail("alice@example.org")
+            code, reply = client.rcpt(rcpt)
+        replies[rcpt] = (code, reply[:5])
+    refused = (550, b"5.1.1")
+    assert replies == {
+        "nobody@localhost": refused,
+        "hmsys2@localhost": refused,
+        "team@localhost": refused,
+        "hmsys1@localhost": (250, b"2.1.5"),
+    }
+
+
 def test_sd_notify_ready_reloading_stopping_in_order(system: SystemDaemon) -> None:
     system.start()
     system.read_notes("READY=1")
@@ -479,6 +501,7 @@ GOOD = {
         ({"user": "hmsys2"}, "does not deliver this recipient to this user"),
         ({"action": "other"}, "no local delivery action"),
         ({"user": "no-such-user-hm"}, "no user"),
+        ({"user": "nobody", "rcpt": "nobody@localhost", "dest": "nobody@localhost"}, "cannot"),
         ({"rcpt": "x@evil.example", "dest": "hmsys1@localhost"}, "does not deliver"),
         ({"dest": "hmsys2@localhost"}, "does not deliver"),
         ({"rcpt": "hmsys1@localhost\r\nX: y"}, "control character"),
@@ -496,6 +519,29 @@ def test_forged_delivery_requests_are_refused(
     assert reason in str(reply["text"]), reply
     assert p.children == {}, "a refused request must not fork a delivery"
     assert {name: _maildir_count(name) for name in before} == before
+
+
+def test_delivery_as_the_workers_own_user_is_refused(world: Path) -> None:
+    cfg = parse_string(CONFIG.format(port=free_port()), "<test>")
+    mine, worker = channel_pair()
+    worker.settimeout(5)
+    uid = pwd.getpwnam("hmsys1").pw_uid
+    p = Parent(
+        cfg,
+        mine,
+        worker_pid=-1,
+        spool=str(world),
+        hostname="localhost",
+        config_path=None,
+        worker_uid=uid,
+    )
+    try:
+        reply = _ask(p, worker, GOOD)
+        assert reply["ok"] is False and "cannot receive mail" in str(reply["text"]), reply
+        assert p.children == {}
+    finally:
+        mine.close()
+        worker.close()
 
 
 def test_request_without_message_fd_is_refused(parent: tuple[Parent, socket.socket]) -> None:
