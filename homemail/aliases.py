@@ -15,8 +15,8 @@ user mode, from its threads; the privileged parent in system mode), so two edits
 each read the old file and the second rename drop the first one's entry.
 
 Which users exist depends on the mode: in user mode only the user running the daemon can receive
-mail; in system mode every account whose home directory exists does, except root and the daemon's
-own unprivileged user.
+mail; in system mode every account does, except root, the daemon's own unprivileged user and
+accounts whose home is ``/nonexistent``.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ class UserDb:
     """Who can receive mail here.
 
     In system mode: every account but root, the daemon's own unprivileged user (``daemon_uid``)
-    and accounts whose home directory does not exist (``nobody``'s ``/nonexistent``, most
-    system accounts), whose deliveries could only fail.
+    and accounts whose home says they have none (``nobody``'s ``/nonexistent``, most system
+    accounts), whose deliveries could only fail.
     """
 
     def __init__(
@@ -98,15 +98,13 @@ class UserDb:
 
 
 def _has_home(path: str) -> bool:
-    """False when the home directory does not exist; a failure to look is not taken for that."""
-    if not os.path.isabs(path):
-        return False
-    try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError:  # EACCES, EIO, a stale mount: the delivery will say (and be retried)
-        return True
+    """False for the homes that say "no home" (``/nonexistent``, as Debian gives ``nobody``
+    and its system accounts).  Any other missing home still receives: an mbox in /var/mail
+    needs none, and a Maildir delivery into it fails and is retried."""
+    return os.path.isabs(path) and path.rstrip("/") not in _NO_HOME
+
+
+_NO_HOME = {"", "/nonexistent", "/dev/null"}
 
 
 def expand(
