@@ -861,6 +861,7 @@ def _has_long_line(content: bytes) -> bool:
 
 _LINE = re.compile(rb"[^\n]*\n|[^\n]+")  # a line and its end (LF, or CR LF)
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header field's name and colon (RFC 5322 3.6.8)
+_FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)+")  # lines of fields
 
 
 def split_header(content: bytes) -> tuple[bytes, bytes]:
@@ -873,14 +874,19 @@ def split_header(content: bytes) -> tuple[bytes, bytes]:
     A bare LF ends a line here as it will in the mailbox, so that no ``Bcc:`` hides behind
     one.
     """
-    pos = 0
-    for line in _LINE.findall(content):
-        text = line.rstrip(b"\r\n")
+    end = content.find(b"\r\n\r\n")
+    if end >= 0 and _FIELDS.fullmatch(content, 0, end + 2):  # the usual message, at one go
+        return content[: end + 2], content[end + 2 :]
+    pos, size = 0, len(content)
+    while pos < size:  # line by line, and only as far as the header section goes
+        end = content.find(b"\n", pos)
+        end = size if end < 0 else end + 1
+        text = content[pos:end].rstrip(b"\r\n")
         if not text:
             return content[:pos], content[pos:]
         if not (text[:1] in (b" ", b"\t") and pos) and not _FIELD.match(text):
             break
-        pos += len(line)
+        pos = end
     headers, body = content[:pos], content[pos:]
     if headers and not headers.endswith(b"\n"):
         headers += b"\r\n"
