@@ -47,9 +47,12 @@ class LocalUser:
 
 
 class ExpansionError(Exception):
-    def __init__(self, code: int, status: str, text: str) -> None:
+    """``private``: the text tells what an alias holds (for the log and ``alias add``, not for
+    an SMTP client)."""
+
+    def __init__(self, code: int, status: str, text: str, *, private: bool = False) -> None:
         super().__init__(text)
-        self.code, self.status, self.text = code, status, text
+        self.code, self.status, self.text, self.private = code, status, text, private
 
     @property
     def reply(self) -> str:
@@ -101,10 +104,10 @@ def _has_home(path: str) -> bool:
     """False for the homes that say "no home" (``/nonexistent``, as Debian gives ``nobody``
     and its system accounts).  Any other missing home still receives: an mbox in /var/mail
     needs none, and a Maildir delivery into it fails and is retried."""
-    return os.path.isabs(path) and path.rstrip("/") not in _NO_HOME
+    return os.path.isabs(path) and os.path.normpath(path) not in _NO_HOME
 
 
-_NO_HOME = {"", "/nonexistent", "/dev/null"}
+_NO_HOME = {"/nonexistent", "/dev/null"}
 
 
 def expand(
@@ -183,12 +186,17 @@ def _expand(
 
 def _undeliverable(alias: str, target: str, why: str) -> ExpansionError:
     """A target the alias cannot deliver to: the recipient is refused, never partly dropped."""
-    return ExpansionError(550, "5.2.4", f"Alias {alias!r} cannot deliver to {target!r}: {why}")
+    return ExpansionError(
+        550, "5.2.4", f"Alias {alias!r} cannot deliver to {target!r}: {why}", private=True
+    )
 
 
 def _unknown(alias: str, target: str) -> ExpansionError:
     return ExpansionError(
-        550, "5.1.1", f"Invalid recipient: alias {alias!r} names {target!r}, no such user or alias"
+        550,
+        "5.1.1",
+        f"Invalid recipient: alias {alias!r} names {target!r}, no such user or alias",
+        private=True,
     )
 
 

@@ -40,9 +40,11 @@ class Target:
 
 
 class Rejected(Exception):
-    def __init__(self, code: int, status: str, text: str) -> None:
+    """A refused recipient: ``reply`` for the client, ``detail`` (if any) only for the log."""
+
+    def __init__(self, code: int, status: str, text: str, detail: str | None = None) -> None:
         super().__init__(text)
-        self.code, self.status, self.text = code, status, text
+        self.code, self.status, self.text, self.detail = code, status, text, detail
 
     @property
     def reply(self) -> str:
@@ -162,6 +164,8 @@ class Ruleset:
                     is_local_domain=self.is_local_domain,
                 )
             except ExpansionError as exc:
+                if exc.private:  # what an alias holds is nobody's business on the wire
+                    raise Rejected(550, "5.1.1", "Recipient address rejected", exc.text) from None
                 raise Rejected(exc.code, exc.status, exc.text) from None
             domain = rcpt.domain or self.hostname
             return [Target(action.name, f"{u.name}@{domain}", u.name, action.ttl) for u in users]

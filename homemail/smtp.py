@@ -540,6 +540,7 @@ class Session(SMTP):
                 command="RCPT",
                 rcpt=f"<{address}>",
                 result=exc.reply,
+                **({"detail": exc.detail} if exc.detail else {}),  # type: ignore[arg-type]
             )
             await self.push(exc.reply)
             return
@@ -590,20 +591,20 @@ class Session(SMTP):
         buf = bytearray(b"\r\n")  # the data starts at a line start
         searched = 0
         dropped = 0
+        dots = counted = 0  # stuffed dots in buf[:counted], counted once near the limit
         while True:
             end = buf.find(b"\r\n.\r\n", max(0, searched - 4))
             if end >= 0:
                 break
             searched = len(buf)
-            # the size is the unstuffed one (RFC 1870): count the dots only near the limit
-            if (
-                len(buf) + dropped > limit + 2
-                and len(buf) > 8
-                and (dropped or len(buf) - buf.count(b"\r\n.") > limit + 2)
-            ):
-                dropped += len(buf) - 4
-                del buf[:-4]  # keep only what a terminator could start in
-                searched = 0
+            if len(buf) + dropped > limit + 2 and len(buf) > 8:
+                if not dropped:  # the size is the unstuffed one (RFC 1870)
+                    dots += buf.count(b"\r\n.", max(0, counted - 2))
+                    counted = len(buf)
+                if dropped or len(buf) - dots > limit + 2:
+                    dropped += len(buf) - 4
+                    del buf[:-4]  # keep only what a terminator could start in
+                    searched = 0
             chunk = await reader.read(1 << 40)  # everything buffered, so pushing back is safe
             if not chunk:
                 return None
@@ -860,8 +861,10 @@ def _has_long_line(content: bytes) -> bool:
 
 
 _LINE = re.compile(rb"[^\n]*\n|[^\n]+")  # a line and its end (LF, or CR LF)
-_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header field's name and colon (RFC 5322 3.6.8)
-_FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)+")  # lines of fields
+# a header field's name and colon (RFC 5322 3.6.8), and lines of fields; names are bounded, so
+# that a huge line with no colon (local enqueue takes long lines) costs no backtracking
+_FIELD = re.compile(rb"[!-9;-~]{1,998}[ \t]*:")
+_FIELDS = re.compile(rb"(?:[!-9;-~]{1,998}[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)+")
 
 
 def split_header(content: bytes) -> tuple[bytes, bytes]:

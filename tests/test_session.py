@@ -174,3 +174,14 @@ def test_an_actions_ttl_is_its_envelopes_expiry() -> None:
         txn.recipients.append(Recipient(rcpt, ruleset.route(LOCAL_SOURCE, address)))
     envelopes = make_envelopes(txn, 7, now=1000.0, ttl=3600, uid=-1, src="local", helo="")
     assert {(e.action, e.expire) for e in envelopes} == {("brief", 1030.0), ("l", 4600.0)}
+
+
+@pytest.mark.parametrize(
+    ("home", "receives"),
+    [("/nonexistent", False), ("/nonexistent/", False), ("/dev/null", False), ("", False),
+     ("relative", False), ("/", True), ("/home/someone-without-a-home-yet", True)],
+)
+def test_only_a_home_that_says_none_keeps_an_account_from_mail(home: str, receives: bool) -> None:
+    from homemail.aliases import _has_home
+
+    assert _has_home(home) is receives

@@ -152,22 +152,25 @@ def test_alias_to_a_missing_user_is_refused_at_rcpt(session: smtplib.SMTP) -> No
 
 
 @pytest.mark.parametrize(
-    ("alias", "status", "why"),
+    ("alias", "why"),
     [
-        ("typo", "5.1.1", "no such user or alias"),
-        ("friend", "5.2.4", "relaying"),
-        ("archive", "5.2.4", "not supported yet"),
-        ("pipe", "5.2.4", "not supported yet"),
+        ("typo", "no such user or alias"),
+        ("friend", "relaying"),
+        ("archive", "not supported yet"),
+        ("pipe", "not supported yet"),
     ],
 )
 def test_an_alias_is_refused_when_part_of_it_cannot_be_delivered(
-    session: smtplib.SMTP, alias: str, status: str, why: str
+    mta: Daemon, session: smtplib.SMTP, alias: str, why: str
 ) -> None:
-    """Never deliver to part of an alias and silently drop the rest."""
+    """Never deliver to part of an alias and silently drop the rest; the log says why, the
+    client is not told what the alias holds."""
     mail_ok(session)
+    mark = mta.log_mark()
     code, text = session.docmd("RCPT", f"TO:<{alias}@localhost>")
-    assert code == 550 and text.startswith(status.encode() + b" "), (code, text)
-    assert why.encode() in text, text
+    assert (code, text) == (550, b"5.1.1 Recipient address rejected"), (code, text)
+    line = mta.wait_for_log(rf"failed-command command=RCPT rcpt=<{alias}@localhost> .*", since=mark)
+    assert why in line[0].group(0), line[0].group(0)
 
 
 def test_other_system_user_is_refused_in_user_mode(session: smtplib.SMTP) -> None:
