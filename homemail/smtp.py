@@ -970,27 +970,35 @@ class SmtpServer:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.servers: dict[ListenerKey, list[asyncio.AbstractServer]] = {}
+        # each key's listener, in a box its sessions are made from: rekey() changes it in place
+        self.listeners: dict[ListenerKey, list[Listener]] = {}
 
     async def serve(self, key: ListenerKey, listener: Listener, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
         servers = self.servers.setdefault(key, [])
+        box = self.listeners.setdefault(key, [listener])
+        box[0] = listener
         for sock in socks:
             # asyncio calls listen() again on a socket it is given: keep our backlog
             servers.append(
                 await loop.create_server(
-                    lambda: Session(self.ctx, listener), sock=sock, backlog=LISTEN_BACKLOG
+                    lambda: Session(self.ctx, box[0]), sock=sock, backlog=LISTEN_BACKLOG
                 )
             )
 
-    def rekey(self, was: ListenerKey, now: ListenerKey) -> None:
-        """The same sockets under a listener's new key (its settings apply after a restart)."""
+    def rekey(self, was: ListenerKey, now: ListenerKey, listener: Listener) -> None:
+        """The same sockets under a listener's new key; new sessions get its new settings."""
         if was in self.servers:
             self.servers[now] = self.servers.pop(was)
+            box = self.listeners.pop(was)
+            box[0] = listener
+            self.listeners[now] = box
 
     def close_key(self, key: ListenerKey) -> None:
         # close() closes the listening sockets at once (asyncio and uvloop alike), so the
         # address can be bound again; sessions already open on them carry on.  wait_closed() is
         # not awaited: from Python 3.12 asyncio's waits for every one of those sessions to end.
+        self.listeners.pop(key, None)
         for server in self.servers.pop(key, []):
             server.close()
 

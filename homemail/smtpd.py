@@ -846,10 +846,6 @@ class Daemon:
             for fd in fds:
                 os.close(fd)
             return
-        for key in record.get("remove", []) or []:
-            self.server.close_key(tuple(key))
-        for was, now in record.get("moved", []) or []:
-            self.server.rekey(tuple(was), tuple(now))
         try:
             cfg = await asyncio.to_thread(load_config, self.config_path, system=True)
         except ConfigError as exc:
@@ -859,6 +855,11 @@ class Daemon:
             self._finish_reload(str(exc))
             return
         keys = listener_keys(cfg, self.user_mode)
+        for key in record.get("remove", []) or []:
+            self.server.close_key(tuple(key))
+        for was, now in record.get("moved", []) or []:
+            if tuple(now) in keys:
+                self.server.rekey(tuple(was), tuple(now), keys[tuple(now)])
         fd_iter = iter(fds)
         for item in record.get("add", []) or []:
             key, count = tuple(item[0]), int(item[1])
@@ -1199,18 +1200,13 @@ def _rebind(
 
     Raises OSError, having bound nothing, when a new listener cannot bind.  A listener whose
     address and port stay while its settings change (hostname, tag, mask-src) cannot be bound
-    a second time while the worker holds it: it keeps its socket, and its previous settings
-    until a restart, under its new key (``moved``: [old key, new key] pairs).
+    a second time while the worker holds it: the worker keeps its socket and gives its new
+    sessions the new settings (``moved``: [old key, new key] pairs).
     """
     before = listener_keys(old, user_mode=False)
     after = listener_keys(new, user_mode=False)
     gone = before.keys() - after.keys()
     held = {k for k in after.keys() - before.keys() if any(k[:2] == g[:2] for g in gone)}
-    for key in sorted(held):
-        log.warning(
-            f"reload: the listener on {key[0]} port {key[1]} keeps its previous settings "
-            "until a restart"
-        )
     bound = bind_listeners(new, user_mode=False, keep=(before.keys() & after.keys()) | held)
     add: list[list[Any]] = []
     fds: list[int] = []

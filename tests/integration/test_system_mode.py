@@ -425,7 +425,9 @@ def test_a_listener_whose_settings_change_keeps_listening(system: SystemDaemon) 
     system.write_config(renamed)
     reloaded = _ctl(system, "reload")
     assert reloaded.returncode == 0, reloaded.stderr + system.log()
-    assert "keeps its previous settings until a restart" in system.log()
+    with smtplib.SMTP("127.0.0.1", system.port, timeout=10) as client:  # the same socket...
+        code, text = client.docmd("HELO", "client.test")
+        assert (code, text) == (250, b"2.0.0 renamed.test Hello client.test")  # ...renamed
     assert _rcpt(system.port, "team@localhost") == 250
     second = free_port()  # and it is closed when it goes, under its new name
     system.write_config(CONFIG.replace("port {port}", "port {second}"), second=second)
