@@ -235,34 +235,39 @@ def recorded_offline_dir(sock_path: str) -> str | None:
 def untrusted_directory(path: str, *, shared_ok: bool = False) -> str | None:
     """Why another user could have made or changed the directory ``path``, or None.
 
-    Every directory from ``/`` down to it, both as written and with its symbolic links
-    resolved, must belong to root or to us: a link or a directory another user made on the
-    way (``/tmp/homemail-UID`` made before us, with ``homemail`` a link to ``/tmp``) would let
-    them put their socket there.  Unless ``shared_ok`` (a socket path the user chose), only a
-    sticky one (``/tmp``) may also be writable by anyone.
+    The path is walked one name at a time from ``/``, following each symbolic link where it
+    is met, and every directory and link on the way must belong to root or to us: a link or a
+    directory another user made (``/tmp/homemail-UID`` made before us, with ``homemail`` a link
+    to ``/tmp``; a link of ours to one of theirs) would let them put their socket there.
+    Unless ``shared_ok`` (a socket path the user chose), only a sticky directory (``/tmp``) may
+    also be writable by anyone.
     """
     uid = os.geteuid()
-    chain: dict[str, None] = {}
-    for start in (os.path.abspath(path), os.path.realpath(path)):
-        current = start
-        while True:
-            chain[current] = None
-            parent = os.path.dirname(current)
-            if parent == current:
-                break
-            current = parent
-    for directory in chain:
+    pending = os.path.abspath(path).split("/")
+    current = "/"
+    links = 0
+    while True:
         try:
-            st = os.lstat(directory)
+            st = os.lstat(current)
         except OSError:
-            continue  # missing or unreachable: connecting will say so
+            return None  # missing or unreachable: connecting will say so
         if st.st_uid not in (0, uid):
-            return f"{clean(directory)} belongs to uid {st.st_uid}, not to root or you"
+            return f"{clean(current)} belongs to uid {st.st_uid}, not to root or you"
         if stat.S_ISLNK(st.st_mode):
-            continue  # where it points is in the chain too
-        if not shared_ok and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-            return f"anyone may write in {clean(directory)}"
-    return None
+            links += 1
+            if links > 40:
+                return f"too many links on the way to {clean(path)}"
+            target = os.readlink(current)
+            pending = target.split("/") + pending
+            current = "/" if target.startswith("/") else os.path.dirname(current)
+        elif not shared_ok and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            return f"anyone may write in {clean(current)}"
+        while pending and pending[0] in ("", "."):
+            pending.pop(0)
+        if not pending:
+            return None
+        name = pending.pop(0)
+        current = os.path.dirname(current) if name == ".." else os.path.join(current, name)
 
 
 # -- the client -------------------------------------------------------------------------------

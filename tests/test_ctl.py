@@ -360,14 +360,21 @@ def test_socket_directories_another_user_could_have_made_are_not_trusted(tmp_pat
     assert "anyone may write in" in (ctl.untrusted_directory(str(link)) or "")
     assert ctl.untrusted_directory(str(link), shared_ok=True) is None  # a place the user chose
     ctl.ControlClient(str(shared / "control.sock"))._check_socket_dir()  # --socket there works
-    if os.geteuid() == 0:  # another user's directory, and another user's link
+    if os.geteuid() == 0:  # another user's directory, link, and link in the middle of a chain
         theirs = sticky / "homemail-1006"
         theirs.mkdir()
-        (theirs / "homemail").symlink_to(sticky)  # S1: a link to /tmp, which root owns
-        os.lchown(theirs / "homemail", 65534, 65534)
         os.chown(theirs, 65534, 65534)
-        reason = ctl.untrusted_directory(str(theirs / "homemail"))
-        assert reason is not None and "belongs to uid 65534" in reason
+        assert "belongs to uid 65534" in (ctl.untrusted_directory(str(theirs / "x")) or "")
+        their_link = sticky / "homemail"  # in root's sticky directory: only the link is theirs
+        their_link.symlink_to(mine)
+        os.lchown(their_link, 65534, 65534)
+        assert "belongs to uid 65534" in (ctl.untrusted_directory(str(their_link)) or "")
+        our_link = mine / "via"  # ours, to theirs, to ours: the middle of the chain counts
+        our_link.symlink_to(their_link)
+        assert "belongs to uid 65534" in (ctl.untrusted_directory(str(our_link / "x")) or "")
+        relative = mine / "rel"
+        relative.symlink_to("../mine/.")  # relative links and dots are walked as well
+        assert ctl.untrusted_directory(str(relative / "x")) is None
 
 
 def test_the_private_socket_directories_are_made_or_closed_0700(tmp_path: Path) -> None:

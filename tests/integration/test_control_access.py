@@ -545,14 +545,15 @@ def test_a_socket_in_another_users_directory_is_not_trusted(tmp_path: Path, how:
     theirs.mkdir()
     if how == "their directory":
         listen_dir = client_dir = theirs
-    else:
-        listen_dir = tmp_path / "tmp"  # stands for /tmp: root's, sticky, anyone may write
+        os.chown(theirs, 65534, 65534)
+    else:  # root's sticky directory, as /tmp: only the link in it is theirs
+        theirs.chmod(0o1777)
+        listen_dir = tmp_path / "tmp"
         listen_dir.mkdir()
         listen_dir.chmod(0o1777)
         client_dir = theirs / "homemail"
         client_dir.symlink_to(listen_dir)
         os.lchown(client_dir, 65534, 65534)
-    os.chown(theirs, 65534, 65534)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(listen_dir / "control.sock"))
     server.listen(1)
