@@ -983,6 +983,8 @@ class _Parser:
                     "only '~/' is expanded in a delivery path",
                     "'~/' is the recipient's home; write other users' paths in full",
                 )
+            if method == "mbox" and path.rstrip("/") in ("~", ""):
+                raise _error(nxt, "an mbox is a file, not the home directory", 'mbox "~/mbox"')
             _check_format(nxt, path)
         alias: str | None = None
         ttl: int | None = None

@@ -937,6 +937,10 @@ def test_action_path_tilde() -> None:
         "<embedded>:1:20: error: only '~/' is expanded in a delivery path near '~bob/Maildir'\n"
         "  hint: '~/' is the recipient's home; write other users' paths in full"
     )
+    for home in ("~", "~/"):
+        assert message(f'action "a" mbox "{home}"\n').startswith(
+            "<embedded>:1:17: error: an mbox is a file, not the home directory"
+        )
 
 
 @pytest.mark.parametrize(
