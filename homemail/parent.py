@@ -58,7 +58,7 @@ from homemail import credentials, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
 from homemail.aliases import UserDb
 from homemail.config import Config, ConfigError, aliases_file
-from homemail.ruleset import Rejected, Ruleset, Source
+from homemail.ruleset import Rejected, Ruleset, Source, source_for
 from homemail.table import TableError
 
 VERSION = 1
@@ -457,21 +457,38 @@ class Parent:
             address = parse_mailbox(rcpt, allow_bare_postmaster=True)
         except AddressError:
             raise ChannelError("malformed recipient") from None
-        if not self._routes_to(address, action_name, entry.pw_name, dest):
+        src = record.get("src")
+        src = _text(record, "src", empty_ok=True) if src is not None else ""
+        if not self._routes_to(address, action_name, entry.pw_name, dest, src):
             # the worker may have re-read a table (alias add, newaliases): so do we, once
             self.refresh_tables()
-            if not self._routes_to(address, action_name, entry.pw_name, dest):
+            if not self._routes_to(address, action_name, entry.pw_name, dest, src):
                 raise ChannelError("the configuration does not deliver this recipient to this user")
         return entry
 
-    def _routes_to(self, address: Any, action: str, user: str, dest: str) -> bool:
-        for source in (Source("socket", ""), Source("remote", "")):
-            try:
-                targets = self.ruleset.route(source, address)
-            except Rejected:
-                continue
-            if any(t.action == action and t.user == user and t.dest == dest for t in targets):
-                return True
+    def _routes_to(self, address: Any, action: str, user: str, dest: str, src: str) -> bool:
+        """Whether the rules send ``address`` to ``user`` with ``action``: from where the mail
+        came (its client's address, any listener's tag), or, since an alias may have changed
+        since the worker expanded it at RCPT, whether they send ``dest`` (that user at the
+        recipient's domain) there.  A worker can claim a source, but not make a rule or an
+        action deliver to a user it would not deliver to."""
+        tags = [None, *sorted({x.tag for x in self.cfg.listeners if x.tag})]
+        sources = [Source("socket", ""), Source("remote", "")]
+        if src and src != "local":
+            sources += [source_for(src, tag) for tag in tags]
+        else:
+            sources += [Source("socket", "", tag) for tag in tags[1:]]
+        addresses = [address]
+        with contextlib.suppress(AddressError):
+            addresses.append(parse_mailbox(dest))
+        for rcpt in addresses:
+            for source in sources:
+                try:
+                    targets = self.ruleset.route(source, rcpt)
+                except Rejected:
+                    continue
+                if any(t.action == action and t.user == user and t.dest == dest for t in targets):
+                    return True
         return False
 
     def refresh_tables(self) -> None:

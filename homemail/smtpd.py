@@ -402,6 +402,7 @@ class Daemon:
             "evpid": env.evpid,
             "ctime": int(env.ctime),
             "recovered": env.recovered,
+            "src": env.src,
         }
         if self.channel is not None:  # system mode: the parent checks it and forks the delivery
             channel = self.channel

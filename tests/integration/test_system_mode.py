@@ -241,6 +241,52 @@ def test_deliveries_land_owned_by_each_recipient(system: SystemDaemon, world: Pa
         assert f"Delivered-To: {name}@localhost".encode() in files[0].read_bytes()
 
 
+SOURCES = """\
+table aliases {{ postmaster = "hmsys1" }}
+table trusted {{ 127.0.0.1 }}
+table srcdom {{ src.test }}
+table tagdom {{ tag.test }}
+listen on 127.0.0.1 port {port}
+listen on 127.0.0.1 port {second} tag TAGGED
+action "local" maildir alias <aliases>
+match from src <trusted> for domain <srcdom> action "local"
+match from any tag TAGGED for domain <tagdom> action "local"
+match from local for local action "local"
+"""
+
+
+def test_rules_on_the_client_address_and_the_listener_tag_deliver(system: SystemDaemon) -> None:
+    """The parent checks a delivery against the rules with the mail's own source: a rule on
+    the client's address or on the listener's tag must not leave it refused at every retry."""
+    second = free_port()
+    system.write_config(SOURCES, second=second)
+    system.start()
+    before = _maildir_count("hmsys1")
+    for port, rcpt in ((system.port, "hmsys1@src.test"), (second, "hmsys1@tag.test")):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            assert client.sendmail("a@example.org", [rcpt], b"Subject: s\r\n\r\nx\r\n") == {}
+    assert poll(lambda: _maildir_count("hmsys1") == before + 2, 20), system.log()
+    assert "refused by the parent" not in system.log()
+
+
+def test_an_alias_changed_after_rcpt_still_delivers_to_whom_it_named(system: SystemDaemon) -> None:
+    aliases = system.dir / "aliases"
+    aliases.write_text("postmaster: hmsys1\nhelpdesk: hmsys2\n")
+    aliases.chmod(0o644)
+    system.write_config(FILE_ALIASES)
+    system.start()
+    assert _ctl(system, "pause", "mda").returncode == 0
+    before = _maildir_count("hmsys2")
+    with smtplib.SMTP("127.0.0.1", system.port, timeout=10) as client:
+        message = b"Subject: h\r\n\r\nx\r\n"
+        assert client.sendmail("a@example.org", ["helpdesk@localhost"], message) == {}
+    assert _ctl(system, "alias", "remove", "helpdesk").returncode == 0
+    system.stop()  # the parent reads its tables afresh at the next start
+    system.log_path.write_text("")  # start() waits for this run's "smtpd ready"
+    system.start()
+    assert poll(lambda: _maildir_count("hmsys2") == before + 1, 20), system.log()
+
+
 def test_mail_for_root_is_refused(system: SystemDaemon) -> None:
     system.start()
     with smtplib.SMTP("127.0.0.1", system.port, timeout=10) as client:
