@@ -480,7 +480,9 @@ class Parent:
             sources += [Source("socket", "", tag) for tag in tags[1:]]
         addresses = [address]
         with contextlib.suppress(AddressError):
-            addresses.append(parse_mailbox(dest))
+            own = parse_mailbox(dest)  # the user at the recipient's own domain, as RCPT made it
+            if own.domain.lower() == (address.domain or self.hostname).lower():
+                addresses.append(own)
         for rcpt in addresses:
             for source in sources:
                 try:
