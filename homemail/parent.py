@@ -66,6 +66,9 @@ MAX_RECORD = 64 * 1024
 MAX_INLINE = 32 * 1024  # messages up to this size go to the delivery agent inside the record
 MAX_FDS = 64
 MAX_CHILDREN = 8
+MAX_CHILDREN_PER_USER = 3  # so that one recipient's stuck deliveries never hold every slot
+DELIVERY_SECONDS = 600.0  # a delivery child still running after this is killed (retried later)
+FINISH_SECONDS = 30.0  # at stop, deliveries still running after this are killed
 MAX_WAITING = 1024
 OFFLINE_SCAN_SECONDS = 60.0
 IDLE_TRIM_SECONDS = 2.0  # quiet this long, a process gives freed heap back (trim_heap)
@@ -198,7 +201,10 @@ class _Child:
     pid: int
     request_id: int
     pipe: int
+    user: str = ""
+    deadline: float = 0.0  # monotonic
     output: bytearray = field(default_factory=bytearray)
+    killed: bool = False
 
 
 class Parent:
@@ -224,6 +230,8 @@ class Parent:
         self.users = UserDb(user_mode=False, daemon_uid=worker_uid)
         self.ruleset = Ruleset(cfg, self.users, hostname)
         self.children: dict[int, _Child] = {}  # by pipe fd
+        self.signal_fd = -1
+        self.forced = False  # a second SIGTERM: nothing is waited for any more
         self.waiting: list[tuple[dict[str, Any], int]] = []  # deliveries over MAX_CHILDREN
         self.selector = selectors.DefaultSelector()
         self.offline_pending: set[str] = set()
@@ -236,6 +244,7 @@ class Parent:
 
     def run(self) -> int:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.signal_fd = rfd
         signal.set_wakeup_fd(wfd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, lambda *_: None)
@@ -243,7 +252,9 @@ class Parent:
         self.selector.register(self.channel, selectors.EVENT_READ, "channel")
         status = 0
         while True:
-            timeout = max(0.0, self.next_scan - time.monotonic()) if self.next_scan else None
+            deadlines = [c.deadline for c in self.children.values() if not c.killed]
+            wake = [t for t in (self.next_scan, *deadlines) if t]
+            timeout = max(0.0, min(wake) - time.monotonic()) if wake else None
             for key, _ in self.selector.select(timeout):
                 if key.data == "signal":
                     for signum in os.read(rfd, 64):
@@ -255,6 +266,7 @@ class Parent:
                         return status
                 else:
                     self.on_child_output(key.fd)
+            self.kill_overdue()
             if self.next_scan and time.monotonic() >= self.next_scan:
                 try:
                     self.scan_offline()
@@ -264,7 +276,10 @@ class Parent:
     def on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             if self.stopping:
-                os.kill(self.worker_pid, signal.SIGKILL)
+                self.forced = True
+                if self.worker_pid > 0:  # negative once reaped: never a process group
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.worker_pid, signal.SIGKILL)
                 return
             self.stopping = True
             sd_notify("STOPPING=1")
@@ -384,7 +399,7 @@ class Parent:
             if len(fds) != 1:
                 raise ChannelError("deliver needs exactly one message fd")
             self.validate_delivery(record)
-            if len(self.children) >= MAX_CHILDREN:
+            if not self._may_spawn(record["user"]):
                 if len(self.waiting) >= MAX_WAITING:
                     raise ChannelError("too many deliveries waiting")
                 self.waiting.append((record, fds[0]))
@@ -521,8 +536,26 @@ class Parent:
                 os._exit(code)
         os.close(wfd)
         os.close(msgfd)
-        self.children[rfd] = _Child(pid, record["id"], rfd)
+        deadline = time.monotonic() + DELIVERY_SECONDS
+        self.children[rfd] = _Child(pid, record["id"], rfd, record["user"], deadline)
         self.selector.register(rfd, selectors.EVENT_READ, "child")
+
+    def _may_spawn(self, user: str) -> bool:
+        if len(self.children) >= MAX_CHILDREN:
+            return False
+        return sum(c.user == user for c in self.children.values()) < MAX_CHILDREN_PER_USER
+
+    def kill_overdue(self) -> None:
+        """A delivery that outlives DELIVERY_SECONDS (a stopped or hung child, which its user
+        could make one) is killed; its end of the pipe then reports a temporary failure."""
+        now = time.monotonic()
+        for child in self.children.values():
+            if not child.killed and now >= child.deadline:
+                child.killed = True
+                log.event("parent", "mda", "killed", pid=child.pid, user=child.user,
+                          reason="time limit")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
 
     def on_child_output(self, fd: int) -> None:
         child = self.children[fd]
@@ -548,11 +581,15 @@ class Parent:
                 ok=False,
                 permanent=False,
                 status="4.3.0",
-                text="delivery process failed",
+                text="delivery took too long" if child.killed else "delivery process failed",
             )
         self.reap()
-        while self.waiting and len(self.children) < MAX_CHILDREN:
-            record, msgfd = self.waiting.pop(0)
+        while True:
+            ready = next((i for i, (r, _) in enumerate(self.waiting) if self._may_spawn(r["user"])),
+                         None)
+            if ready is None:
+                break
+            record, msgfd = self.waiting.pop(ready)
             try:
                 self.spawn(record, msgfd)
             except OSError as exc:  # fork or pipe failed: this one is retried later
@@ -599,9 +636,35 @@ class Parent:
         return 0
 
     def finish(self) -> None:
-        for child in list(self.children.values()):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.pid, 0)
+        """Wait for the deliveries still running, for FINISH_SECONDS or until another SIGTERM,
+        then kill what is left (its envelopes stay queued for the next start)."""
+        deadline = time.monotonic() + FINISH_SECONDS
+        pids = {child.pid for child in self.children.values()}
+        while pids:
+            for pid in list(pids):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    pids.discard(pid)
+            if not pids:
+                return
+            urgent = False
+            if self.signal_fd >= 0:
+                ready = select.select([self.signal_fd], [], [], 0.1)[0]
+                if ready:
+                    with contextlib.suppress(OSError):
+                        got = os.read(self.signal_fd, 64)
+                        urgent = signal.SIGTERM in got or signal.SIGINT in got
+            else:
+                time.sleep(0.1)
+            if urgent or self.forced or time.monotonic() >= deadline:
+                for pid in pids:
+                    log.event("parent", "mda", "killed", pid=pid, reason="stopping")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
 
     # -- the offline spool -------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ worker must reach lives under a world-traversable temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -635,6 +636,99 @@ def test_a_valid_request_is_delivered_as_the_user(parent: tuple[Parent, socket.s
         key=lambda f: f.stat().st_mtime,
     )
     assert newest.stat().st_uid == pwd.getpwnam("hmsys1").pw_uid
+
+
+MBOX_CONFIG = """\
+listen on 127.0.0.1 port {port}
+action "box" mbox "{dir}/mail/%{{user.username}}"
+match from local for local action "box"
+"""
+
+
+@pytest.fixture
+def stuck(world: Path) -> Iterator[tuple[Parent, socket.socket, Path]]:
+    """A parent whose mbox deliveries wait on a dotlock the test holds (a stuck delivery)."""
+    mail = world / "mail"
+    mail.mkdir(exist_ok=True)
+    mail.chmod(0o1777)
+    for user in USERS:
+        (mail / f"{user}.lock").write_text("held by the test\n")
+    cfg = parse_string(MBOX_CONFIG.format(port=free_port(), dir=world), "<test>")
+    mine, theirs = channel_pair()
+    p = Parent(cfg, mine, worker_pid=-1, spool=str(world), hostname="localhost", config_path=None)
+    theirs.settimeout(5)
+    try:
+        yield p, theirs, mail
+    finally:
+        for child in p.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+        p.finish()
+        mine.close()
+        theirs.close()
+
+
+def _request(p: Parent, worker: socket.socket, user: str, evpid: int) -> None:
+    fd = _message_fd(b"Subject: stuck\r\n\r\nx\r\n")
+    rcpt = f"{user}@localhost"
+    record = {**GOOD, "action": "box", "user": user, "rcpt": rcpt, "dest": rcpt}
+    send_record(worker, {**record, "id": evpid, "evpid": evpid}, [fd])
+    os.close(fd)
+    assert p.on_channel() is True
+
+
+def test_one_recipients_stuck_deliveries_leave_slots_for_the_others(
+    stuck: tuple[Parent, socket.socket, Path],
+) -> None:
+    from homemail.parent import MAX_CHILDREN_PER_USER
+
+    p, worker, _ = stuck
+    for n in range(MAX_CHILDREN_PER_USER + 2):
+        _request(p, worker, "hmsys1", 100 + n)
+    assert [c.user for c in p.children.values()] == ["hmsys1"] * MAX_CHILDREN_PER_USER
+    assert len(p.waiting) == 2
+    _request(p, worker, "hmsys2", 200)  # still a slot for somebody else
+    assert sorted(c.user for c in p.children.values()).count("hmsys2") == 1
+
+
+def test_a_delivery_over_its_time_limit_is_killed_and_retried_later(
+    stuck: tuple[Parent, socket.socket, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("homemail.parent.DELIVERY_SECONDS", 0.5)
+    p, worker, _ = stuck
+    _request(p, worker, "hmsys1", 300)
+    [child] = p.children.values()
+    time.sleep(0.6)
+    p.kill_overdue()
+    deadline = time.monotonic() + 10
+    while p.children and time.monotonic() < deadline:
+        for pipe in list(p.children):
+            p.on_child_output(pipe)
+    got = recv_record(worker)
+    assert got is not None
+    reply, _ = got
+    assert (reply["ok"], reply["status"]) == (False, "4.3.0")
+    assert reply["text"] == "delivery took too long"
+
+    def gone() -> bool:
+        p.reap()  # as SIGCHLD has the parent do
+        return not Path(f"/proc/{child.pid}").exists()
+
+    assert poll(gone, 5), "the stuck delivery is still there"
+
+
+def test_stopping_waits_for_deliveries_only_so_long(
+    stuck: tuple[Parent, socket.socket, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("homemail.parent.FINISH_SECONDS", 0.5)
+    p, worker, _ = stuck
+    _request(p, worker, "hmsys1", 400)
+    started = time.monotonic()
+    p.finish()
+    assert time.monotonic() - started < 5  # the child waits 30 s on the lock
+    [child] = p.children.values()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child.pid, os.WNOHANG)
 
 
 def _maildir_count(user: str) -> int:
