@@ -63,6 +63,11 @@ class Scheduler:
         self.stats: Counter[str] = Counter()
         self.paused = False
         self.parallel = parallel
+        # at most this many attempts at once for one user (system mode), so that one whose
+        # deliveries hang cannot hold every slot; the others' due envelopes wait beside
+        self.per_user: int | None = None
+        self._user_running: Counter[str] = Counter()
+        self._held: dict[str, list[tuple[float, int]]] = {}
         self._heap: list[tuple[float, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # set by run(): attempts may start
         self._timer: asyncio.TimerHandle | None = None
@@ -130,6 +135,11 @@ class Scheduler:
             env = self.envelopes.get(evpid)
             if env is None or env.next_try != when or env.paused or evpid in running:
                 continue
+            if self.per_user is not None:
+                if self._user_running[env.user] >= self.per_user:
+                    self._held.setdefault(env.user, []).append((when, evpid))
+                    continue
+                self._user_running[env.user] += 1
             running.add(evpid)
             task = loop.create_task(self._attempt(env))
             self._tasks.add(task)
@@ -181,6 +191,12 @@ class Scheduler:
                     heapq.heappush(self._heap, (env.next_try, env.evpid))
         finally:
             self.running.discard(env.evpid)
+            if self.per_user is not None:
+                self._user_running[env.user] -= 1
+                if self._user_running[env.user] <= 0:
+                    del self._user_running[env.user]
+                for entry in self._held.pop(env.user, []):  # their turn may have come
+                    heapq.heappush(self._heap, entry)
             try:
                 self._pump()
             except Exception as exc:  # a bug: say so; the next feed or attempt pumps again

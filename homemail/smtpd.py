@@ -54,6 +54,7 @@ from homemail.control_protocol import Code
 from homemail.parent import (
     DEFAULT_USER,
     IDLE_TRIM_SECONDS,
+    MAX_CHILDREN_PER_USER,
     Parent,
     WorkerChannel,
     channel_pair,
@@ -283,6 +284,8 @@ class Daemon:
             warn_intervals=cfg.bounce_warn_interval,
             parallel=MDA_THREADS,
         )
+        if channel is not None:  # system mode: deliveries for many users
+            self.scheduler.per_user = MAX_CHILDREN_PER_USER
         self.scheduler.notify = self.publish
         self.ctx = self._context(cfg)
         self.server = SmtpServer(self.ctx)

@@ -213,6 +213,32 @@ async def test_attempts_never_exceed_the_parallel_limit_and_all_complete():
     assert active["most"] == 3
 
 
+async def test_one_users_hanging_deliveries_leave_slots_for_the_others():
+    """System mode: at most per_user attempts for one user; the rest of the slots go to the
+    others, and the user's held envelopes go when one of theirs ends."""
+    h = Harness([], parallel=6)
+    h.sched.per_user = 3
+    gates = {"stuck": asyncio.Event(), "other": asyncio.Event()}
+    started: list[str] = []
+
+    async def deliver(env: Envelope) -> None:
+        started.append(env.user)
+        await gates[env.user].wait()
+
+    h.sched.deliver = deliver
+    for _ in range(8):
+        await h.add(envelope(user="stuck"))
+    for _ in range(2):
+        await h.add(envelope(user="other"))
+    task = asyncio.create_task(h.sched.run())
+    await asyncio.sleep(0.1)
+    assert sorted(started) == ["other"] * 2 + ["stuck"] * 3, started
+    gates["stuck"].set()
+    gates["other"].set()
+    await stop_when(h, task, lambda: not h.queue.envelopes)
+    assert not h.queue.envelopes and started.count("stuck") == 8
+
+
 async def test_a_later_envelope_due_sooner_is_not_held_behind_the_armed_timer():
     h = Harness([])
     late = envelope()
