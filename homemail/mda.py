@@ -60,6 +60,7 @@ __all__ = [
     "deliver_maildir",
     "deliver_mbox",
     "expand_format",
+    "mailbox_of",
     "mailbox_path",
     "maildir_name",
     "parse_format",
@@ -636,18 +637,22 @@ def mailbox_path(template: str, values: dict[str, str], home: str) -> str:
     return path if os.path.isabs(path) else os.path.join(home, path)
 
 
+def mailbox_of(action: Action, user: LocalUser, env: Envelope) -> str:
+    """The Maildir or mbox ``action`` delivers ``env`` to; raises DeliveryError."""
+    values = format_values(env.sender, env.rcpt, env.dest, user.name, user.home)
+    default = "~/Maildir" if action.method == "maildir" else "/var/mail/%{user.username}"
+    return mailbox_path(action.path or default, values, user.home)
+
+
 def deliver_local(action: Action, user: LocalUser, env: Envelope, message: bytes,
                   hostname: str) -> None:
     """Deliver one envelope with its configured action; raises DeliveryError."""
-    values = format_values(env.sender, env.rcpt, env.dest, user.name, user.home)
     d = Delivery(evpid=env.evpid, ctime=int(env.ctime), sender=env.sender, rcpt=env.rcpt,
                  dest=env.dest, user=user.name, hostname=hostname, recovered=env.recovered)
     if action.method == "maildir":
-        path = mailbox_path(action.path or "~/Maildir", values, user.home)
-        deliver_maildir(path, message, d)
+        deliver_maildir(mailbox_of(action, user, env), message, d)
     elif action.method == "mbox":
-        path = mailbox_path(action.path or "/var/mail/%{user.username}", values, user.home)
-        deliver_mbox(path, message, d)
+        deliver_mbox(mailbox_of(action, user, env), message, d)
     else:
         raise DeliveryError(f"delivery method {action.method!r} is not supported",
                             permanent=False, status="4.3.5")

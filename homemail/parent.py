@@ -14,10 +14,11 @@ Started as root, homemail splits itself in two, as OpenSMTPD does:
 - the **parent** (this module, root) reads the configuration, binds the listeners and the control
   socket, forks the worker, and then only answers the worker's requests: it never reads a byte
   from the network.  Each local delivery it is asked for runs in a child it forks, which drops to
-  the recipient's uid, gid and groups before it touches the mailbox.  Delivery as root is
-  refused.  It also reads the offline spool (files users wrote while the daemon was down), whose
-  files only root may read, and hands their contents to the worker; and it sends systemd its
-  READY / RELOADING / STOPPING / STATUS notifications.
+  the recipient's uid, gid and groups (plus ``mail`` for an mbox right in /var/mail) before it
+  touches the mailbox.  Delivery as root is refused.  It also reads the offline spool (files
+  users wrote while the daemon was down), whose files only root may read, and hands their
+  contents to the worker; and it sends systemd its READY / RELOADING / STOPPING / STATUS
+  notifications.
 - the **worker** (:mod:`homemail.smtpd`'s Daemon) drops to the unprivileged user (``_homemail`` by
   default) with setgroups, setgid and setuid right after the fork, checks that it cannot get
   root back, and only then starts serving SMTP, the queue, the scheduler and control requests.
@@ -52,7 +53,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from homemail import credentials, log, mda, offline
 from homemail.address import AddressError, parse_mailbox
@@ -60,6 +61,9 @@ from homemail.aliases import UserDb
 from homemail.config import Config, ConfigError, aliases_file
 from homemail.ruleset import Rejected, Ruleset, Source, source_for
 from homemail.table import TableError
+
+if TYPE_CHECKING:
+    from homemail.queue import Envelope
 
 VERSION = 1
 MAX_RECORD = 64 * 1024
@@ -737,12 +741,31 @@ def read_fd(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: The system mail spools, root's with the group ``mail`` (mode 2775 on Debian).  An mbox right in
+#: one of them is written with the group ``mail`` added, as the spool asks; any other mbox (a
+#: user's own, even one reached through the user's link to the spool) with the user's groups only.
+MAIL_SPOOLS = frozenset({"/var/mail", "/var/spool/mail"})
+
+
+def in_mail_spool(path: str, spools: frozenset[str] = MAIL_SPOOLS) -> bool:
+    """Whether the mbox ``path`` is a file right in a system mail spool.
+
+    The path as a string, not where it leads: its directory must be the spool's own name, which
+    root controls (the file name comes from the configuration's template).  A user whose
+    ``~/mbx`` is a link to /var/mail gets no ``mail`` group, so cannot create names there.
+    """
+    return os.path.dirname(path) in spools
+
+
 def _deliver_as_user(
     entry: pwd.struct_passwd, action: Any, record: dict[str, Any], msgfd: int, hostname: str
 ) -> dict[str, Any]:
     """Runs in the forked child: become the user, deliver, return the outcome."""
-    extra = None
-    if action.method == "mbox":  # /var/mail is group mail on Debian: deliver with that group
+    from homemail.aliases import LocalUser
+
+    user = LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+    extra = None  # the user's own groups
+    if delivers_to_mail_spool(action, user, record):
         try:
             import grp
 
@@ -750,20 +773,25 @@ def _deliver_as_user(
         except KeyError:
             extra = None
     drop_privileges(entry, extra)
-    from homemail.aliases import LocalUser
-
     message = read_fd(msgfd, 1 << 31)
-    user = LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
     return deliver_record(action, user, record, message, hostname)
 
 
-def deliver_record(
-    action: Any, user: Any, record: dict[str, Any], message: bytes, hostname: str
-) -> dict[str, Any]:
-    """Deliver the message of a ``deliver`` record; the outcome as a ``result`` record's fields."""
+def delivers_to_mail_spool(action: Any, user: Any, record: dict[str, Any]) -> bool:
+    """Whether the ``deliver`` record's mailbox is an mbox right in a system mail spool."""
+    if action.method != "mbox":
+        return False
+    try:
+        path = mda.mailbox_of(action, user, _record_envelope(action, user, record))
+    except mda.DeliveryError:  # the delivery fails the same way and says so
+        return False
+    return in_mail_spool(path)
+
+
+def _record_envelope(action: Any, user: Any, record: dict[str, Any]) -> Envelope:
     from homemail.queue import Envelope
 
-    env = Envelope(
+    return Envelope(
         evpid=record["evpid"],
         sender=record["sender"],
         rcpt=record["rcpt"],
@@ -774,6 +802,13 @@ def deliver_record(
         expire=0,
         recovered=bool(record.get("recovered")),
     )
+
+
+def deliver_record(
+    action: Any, user: Any, record: dict[str, Any], message: bytes, hostname: str
+) -> dict[str, Any]:
+    """Deliver the message of a ``deliver`` record; the outcome as a ``result`` record's fields."""
+    env = _record_envelope(action, user, record)
     try:
         mda.deliver_local(action, user, env, message, hostname)
     except mda.DeliveryError as exc:

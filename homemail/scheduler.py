@@ -1,16 +1,19 @@
 """The scheduler: when each envelope is tried, what a result does to it, and bounces.
 
 Envelopes wait in a heap ordered by their next attempt.  Local delivery is retried at
-``creation + 10 s × n²`` for the n-th retry (OpenSMTPD's formula); an envelope still failing
-at its expiry (``queue ttl``) fails permanently.  A permanent failure sends a failure DSN to the
-sender, a delay of each ``bounce warn-interval`` sends a delay DSN; a DSN never answers a DSN
-(null sender) and honours ``NOTIFY=NEVER``.
+``creation + 10 s × n²`` for the n-th retry (OpenSMTPD's formula); when those points are
+already past (the mda was paused, the daemon was down), the next one still to come is taken, as
+OpenSMTPD's scheduler does, so a late envelope is tried once and not once a second until it
+catches up.  An envelope still failing at its expiry (``queue ttl``) fails permanently.  A
+permanent failure sends a failure DSN to the sender, a delay of each ``bounce warn-interval``
+sends a delay DSN; a DSN never answers a DSN (null sender) and honours ``NOTIFY=NEVER``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -34,6 +37,21 @@ class Outcome:
     permanent: bool = False
     status: str = "2.0.0"
     text: str = "Ok"
+
+
+def next_retry(ctime: float, retries: int, now: float, base: float = LOCAL_RETRY_BASE) -> float:
+    """The time of the next try after ``retries`` temporary failures, the last one at ``now``.
+
+    The first point ``ctime + base × k²`` with k ≥ retries that is still to come; points
+    that passed while nothing was tried are skipped, never caught up with.  At least 1 s away.
+    """
+    if base <= 0:
+        return now + 1.0
+    elapsed = max(0.0, now - ctime)
+    step = max(retries, math.isqrt(int(elapsed / base)))
+    while ctime + base * step * step <= now:
+        step += 1
+    return max(now + 1.0, ctime + base * step * step)
 
 
 Deliver = Callable[[Envelope], Awaitable[None]]  # raises DeliveryError
@@ -249,7 +267,7 @@ class Scheduler:
             return
         self.stats["scheduler.delivery.tempfail"] += 1
         env.retry += 1
-        env.next_try = max(now + 1.0, env.ctime + self.retry_base * env.retry * env.retry)
+        env.next_try = next_retry(env.ctime, env.retry, now, self.retry_base)
         env.next_try = min(env.next_try, max(env.expire, now + 1.0))
         passed = sum(1 for interval in self.warn_intervals if now - env.ctime >= interval)
         if passed > env.warned:

@@ -10,7 +10,7 @@ import time
 from homemail.mda import DeliveryError
 from homemail.queue import Envelope, new_evpid, new_msgid
 from homemail.queue_ram import RamQueue
-from homemail.scheduler import Scheduler
+from homemail.scheduler import Scheduler, next_retry
 
 MESSAGE = b"From: alice@example.org\r\nSubject: test\r\n\r\nbody\r\n"
 
@@ -88,6 +88,48 @@ async def test_tempfail_retries_on_n_squared_schedule():
     assert h.attempts[1] - env.ctime >= 0.2 - 0.02
     assert h.attempts[2] - env.ctime >= 0.8 - 0.02
     assert h.sched.stats["scheduler.delivery.tempfail"] == 2
+
+
+def test_next_retry_follows_the_schedule_when_on_time():
+    ctime = 1_000_000.0
+    # tried on time at each point: the next point is creation + 10 s × retries²
+    assert next_retry(ctime, 1, ctime) == ctime + 10
+    assert next_retry(ctime, 2, ctime + 10.2) == ctime + 40
+    assert next_retry(ctime, 3, ctime + 40.5) == ctime + 90
+    # a point less than a second away is put back to a second
+    assert next_retry(ctime, 2, ctime + 39.5) == ctime + 40.5
+
+
+def test_next_retry_skips_the_points_that_passed():
+    ctime = 1_000_000.0
+    # 11 minutes late with 2 retries made: not ctime + 40 (past, so at once), but the first
+    # point still to come, 10 s × 9² = 810 s
+    assert next_retry(ctime, 2, ctime + 660) == ctime + 810
+    assert next_retry(ctime, 3, ctime + 810.3) == ctime + 1000
+    assert next_retry(ctime, 2, ctime + 810) == ctime + 1000  # a point at now is not ahead
+    # whatever the lateness, the next try is ahead of now and on a point of the schedule
+    for late in (0.0, 0.5, 38.5, 40.0, 3599.0, 86_400.0 * 4 + 0.3):
+        nxt = next_retry(ctime, 1, ctime + late)
+        step = round(((nxt - ctime) / 10) ** 0.5)
+        assert nxt > ctime + late and nxt == ctime + 10 * step * step
+        assert 10 * (step - 1) ** 2 <= late or step == 1  # the point before it has passed
+
+
+async def test_a_late_envelope_is_retried_once_not_in_a_burst():
+    # Created 11 minutes ago with 2 temporary failures, its next points all passed while the
+    # mda was paused (or the daemon down): one attempt now, then the next point to come.
+    h = Harness([DeliveryError("busy", permanent=False, status="4.2.0")] * 10)
+    env = envelope(retry=2)
+    env.ctime -= 660
+    env.next_try = env.ctime + 40
+    await h.add(env)
+    task = asyncio.create_task(h.sched.run())
+    await stop_when(h, task, lambda: False, seconds=1.5)
+    assert len(h.attempts) == 1
+    stored = h.queue.envelopes[env.evpid]
+    assert stored.retry == 3  # attempts that failed, as show queue says
+    assert stored.next_try == env.ctime + 810
+    assert h.bounces == []  # no delay warning before an hour
 
 
 async def test_tempfail_state_is_stored():

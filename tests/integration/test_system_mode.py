@@ -8,6 +8,7 @@ worker must reach lives under a world-traversable temporary directory.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import pwd
@@ -24,8 +25,16 @@ from pathlib import Path
 
 import pytest
 
-from homemail.config import parse_string
-from homemail.parent import Parent, channel_pair, recv_record, send_record
+from homemail.aliases import LocalUser
+from homemail.config import Action, Location, parse_string
+from homemail.parent import (
+    Parent,
+    channel_pair,
+    delivers_to_mail_spool,
+    in_mail_spool,
+    recv_record,
+    send_record,
+)
 
 from .conftest import HOMEMAIL, free_port, poll, port_open
 
@@ -864,3 +873,97 @@ def test_a_symlink_planted_in_the_spool_is_refused_not_followed(system: SystemDa
     st = target.stat()
     assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)
     assert not port_open(system.port)
+
+
+# -- the group mail: only for an mbox right in the system spool -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "spool"),
+    [
+        ("/var/mail/bob", True),
+        ("/var/spool/mail/bob", True),
+        ("/var/mail//bob", True),
+        ("/home/bob/mbx/inbox", False),  # even when ~/mbx is the user's link to /var/mail
+        ("/var/mail/bob/inbox", False),
+        ("/var/mail/../tmp/bob", False),
+        ("/var/mail/./bob", False),
+        ("/var/mail", False),
+        ("var/mail/bob", False),
+        ("/var/mailx/bob", False),
+    ],
+)
+def test_only_a_file_right_in_a_mail_spool_is_in_it(path: str, spool: bool) -> None:
+    assert in_mail_spool(path) is spool
+
+
+@pytest.mark.parametrize(
+    ("method", "template", "rcpt", "spool"),
+    [
+        ("mbox", None, "bob@localhost", True),  # the default, /var/mail/USER
+        ("mbox", "/var/spool/mail/%{user.username}", "bob@localhost", True),
+        ("mbox", "/var/mail/%{rcpt.user}", "bob@localhost", True),
+        ("mbox", "~/mbx/inbox", "bob@localhost", False),
+        ("mbox", "mbx/inbox", "bob@localhost", False),
+        ("mbox", "/var/mail/%{rcpt.user}/inbox", "bob@localhost", False),
+        ("mbox", "/var/mail/%{rcpt.user}", "..@localhost", False),  # refused by the expansion
+        ("maildir", "/var/mail/%{user.username}", "bob@localhost", False),
+    ],
+)
+def test_the_delivery_gets_the_mail_group_only_for_the_spool(
+    method: str, template: str | None, rcpt: str, spool: bool
+) -> None:
+    action = Action("a", method, template, None, None, Location("<test>", 1, 1))  # type: ignore[arg-type]
+    user = LocalUser("bob", 1000, 1000, "/home/bob")
+    record = {**GOOD, "user": "bob", "rcpt": rcpt, "dest": "bob@localhost"}
+    assert delivers_to_mail_spool(action, user, record) is spool
+
+
+HOME_MBOX = """\
+listen on 127.0.0.1 port {port}
+action "home" mbox "~/mbx/inbox"
+match from local for local action "home"
+"""
+
+
+def test_an_mbox_through_a_users_link_to_a_mail_spool_cannot_create_names_there(
+    system: SystemDaemon, world: Path
+) -> None:
+    """~/mbx is the user's link to a spool like /var/mail (root:mail 2775): the delivery runs
+    with the user's own groups, so it cannot create a file there; into a directory of the
+    user's own it is delivered, the file the user's and of the user's own group."""
+    try:
+        mail_gid = grp.getgrnam("mail").gr_gid
+    except KeyError:
+        pytest.skip("no group mail")
+    entry = pwd.getpwnam("hmsys1")
+    assert mail_gid not in os.getgrouplist(entry.pw_name, entry.pw_gid)
+    spool = system.dir / "varmail"
+    spool.mkdir()
+    os.chown(spool, 0, mail_gid)
+    spool.chmod(0o2775)
+    mbx = Path(entry.pw_dir) / "mbx"
+    mbx.symlink_to(spool)
+    os.lchown(mbx, entry.pw_uid, entry.pw_gid)
+    try:
+        system.write_config(HOME_MBOX)
+        system.start()
+        with smtplib.SMTP("127.0.0.1", system.port, timeout=10) as client:
+            client.sendmail("alice@example.org", ["hmsys1@localhost"], b"Subject: s\r\n\r\nx\r\n")
+        assert poll(lambda: "mda delivery" in system.log(), 20), system.log()
+        assert "result=TempFail" in system.log(), system.log()
+        assert sorted(os.listdir(spool)) == []
+
+        mbx.unlink()
+        mbx.mkdir(mode=0o700)
+        os.chown(mbx, entry.pw_uid, entry.pw_gid)
+        assert _ctl(system, "schedule", "all").returncode == 0
+        inbox = mbx / "inbox"
+        assert poll(lambda: inbox.exists() and b"\nx\n" in inbox.read_bytes(), 20), system.log()
+        st = inbox.stat()
+        assert (st.st_uid, st.st_gid) == (entry.pw_uid, entry.pw_gid)
+    finally:
+        if mbx.is_symlink():
+            mbx.unlink()
+        else:
+            shutil.rmtree(mbx, ignore_errors=True)
