@@ -144,6 +144,20 @@ class SpoolInUse(OSError):
     """Another daemon holds the spool."""
 
 
+def lock_spool(spool: str) -> int:
+    """Take the spool's lock (flock on journal/) and return its fd; raises SpoolInUse."""
+    fd = os.open(os.path.join(spool, "journal"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolInUse(f"the spool {spool} is in use by another homemail") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class FsQueue(Queue):
     def __init__(
         self,
@@ -197,16 +211,7 @@ class FsQueue(Queue):
     def _lock_spool(self) -> None:
         """Own the spool: a second daemon on it would replay, deliver and remove the first
         one's journal under its feet.  The lock (on journal/) goes with the process."""
-        fd = os.open(self.journal_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolInUse(f"the spool {self.spool} is in use by another homemail") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self._spool_lock = fd
+        self._spool_lock = lock_spool(self.spool)
 
     def start(self) -> list[Envelope]:
         """Replay the journal and read the index; queue/ itself is walked by :meth:`scan`.

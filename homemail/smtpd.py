@@ -64,7 +64,7 @@ from homemail.parent import (
     worker_user,
 )
 from homemail.queue import Envelope, Queue, QueueError, new_evpid
-from homemail.queue_fs import FsQueue
+from homemail.queue_fs import FsQueue, lock_spool
 from homemail.ruleset import LOCAL_SOURCE, Rejected, Ruleset
 from homemail.scheduler import NoRoute, Scheduler
 from homemail.smtp import (
@@ -1140,6 +1140,7 @@ def run_system(args: argparse.Namespace) -> int:
     socket_path = args.socket or SYSTEM_SOCKET
     try:
         prepare_system_spool(spool, entry.pw_uid, entry.pw_gid)
+        os.close(lock_spool(spool))  # in use: say so before binding anything (the worker locks)
         bound = bind_listeners(cfg, user_mode=False)
         control_sock = bind_control_socket(socket_path, private_dir=False)
     except OSError as exc:

@@ -329,6 +329,26 @@ def test_accounts_that_cannot_receive_mail_are_refused_at_rcpt(system: SystemDae
     }
 
 
+def test_a_second_system_daemon_on_the_same_spool_is_refused_before_binding(
+    system: SystemDaemon,
+) -> None:
+    system.start()
+    port, sock = free_port(), system.dir / "second.sock"
+    second = system.dir / "second.conf"
+    second.write_text(CONFIG.format(port=port))
+    second.chmod(0o644)
+    result = subprocess.run(
+        [*HOMEMAIL, "run", "-f", str(second), "--spool", str(system.dir / "spool"),
+         "--socket", str(sock), "--user", WORKER_USER],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode != 0 and "in use by another homemail" in result.stderr, result
+    assert "worker" not in result.stderr  # refused by the parent, before any fork
+    assert not port_open(port)
+    assert not sock.exists() and not Path(f"{sock}.offline").exists()
+    assert _rcpt(system.port, "team@localhost") == 250  # the first one is untouched
+
+
 def test_sd_notify_ready_reloading_stopping_in_order(system: SystemDaemon) -> None:
     system.start()
     system.read_notes("READY=1")
