@@ -122,6 +122,8 @@ def expand(
     found: dict[str, LocalUser] = {}
     _expand(local, table, users, delim, is_local_domain, found, depth=0, seen=set())
     if not found:
+        if split_subaddress(local, delim)[0].lower() == "root":  # the README's rule, told
+            raise ExpansionError(550, "5.1.1", "Mail for root is not delivered: alias root")
         raise ExpansionError(550, "5.1.1", "Invalid recipient: no such user")
     return list(found.values())
 
