@@ -293,6 +293,7 @@ class Daemon:
         self.started = time.time()
         self.mta_paused = False
         self._pickup: asyncio.Future[None] | None = None
+        self._pickup_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self.queue_loaded = asyncio.Event()  # set once queue/ has been read to the end
         self._loader: asyncio.Task[None] | None = None
@@ -440,15 +441,18 @@ class Daemon:
         return os.path.join(self.spool, "offline")
 
     async def pickup_offline(self) -> None:
-        directory = self.offline_dir()
-        try:
-            names = await asyncio.to_thread(offline.pending, directory)
-        except OSError:
-            return
-        for name in names:
-            if self.ctx.paused:
+        """Queue what the offline spool holds: one pickup at a time (start-up, the periodic
+        scan and a resume of smtp may overlap), so that no file is queued twice."""
+        async with self._pickup_lock:
+            directory = self.offline_dir()
+            try:
+                names = await asyncio.to_thread(offline.pending, directory)
+            except OSError:
                 return
-            await self._pickup_one(directory, name)
+            for name in names:
+                if self.ctx.paused:
+                    return
+                await self._pickup_one(directory, name)
 
     async def _pickup_one(self, directory: str, name: str) -> None:
         expected = None if os.geteuid() == 0 else os.geteuid()
@@ -647,6 +651,7 @@ class Daemon:
         }
 
     def set_paused(self, subsystem: str, paused: bool) -> None:
+        resumed_smtp = subsystem == "smtp" and self.ctx.paused and not paused
         if subsystem == "smtp":
             self.ctx.paused = paused
         elif subsystem == "mda":
@@ -656,7 +661,7 @@ class Daemon:
             self.mta_paused = paused
         log.event("-", "control", "paused" if paused else "resumed", subsystem=subsystem)
         self.publish("paused" if paused else "resumed", {"subsystem": subsystem})
-        if subsystem == "smtp" and not paused:
+        if resumed_smtp and self.channel is None:  # system mode: the parent reads the spool
             self._pickup = asyncio.ensure_future(self.pickup_offline())
 
     async def store_secret(self, label: str, username: str, password: str) -> str | None:

@@ -494,6 +494,28 @@ def test_sendmail_while_smtp_is_paused_is_spooled_then_delivered(sm: Daemon, bin
     assert poll(lambda: spooled(sm.spool / "offline") == [], 5)
 
 
+def test_resumes_at_once_queue_each_spooled_message_once(sm: Daemon, bindir: Path) -> None:
+    """Pickups of the offline spool that overlap (resumes at once, the periodic scan) must
+    not queue a file twice."""
+    env = cron_env(sm, bindir, HOMEMAIL_OFFLINE=str(sm.spool / "offline"))
+    ok(run([*HOMEMAILCTL, "pause", "smtp"], env))
+    toks = [token() for _ in range(12)]
+    for tok in toks:
+        ok(run([str(bindir / "sendmail"), "-oi", "alice@localhost"], env, f"Subject: {tok}\n\nx\n"))
+    ok(run([*HOMEMAILCTL, "pause", "mda"], env))
+    resumes = [
+        subprocess.Popen([*HOMEMAILCTL, "resume", "smtp"], env=env, stdout=subprocess.DEVNULL)
+        for _ in range(6)
+    ]
+    assert all(p.wait(30) == 0 for p in resumes)
+    assert poll(lambda: spooled(sm.spool / "offline") == [], 10)
+    listing = ok(run([*HOMEMAILCTL, "--json", "show", "queue"], env))
+    assert len(listing.strip().splitlines()) == len(toks), listing
+    ok(run([*HOMEMAILCTL, "resume", "mda"], env))
+    for tok in toks:
+        sm.wait_for_message(tok)  # fails if there are two
+
+
 # -- with the daemon down --------------------------------------------------------------------
 
 
