@@ -177,7 +177,7 @@ def _expand(
         if target.lower() in seen:
             user = users.lookup(split_subaddress(target, delim)[0])
             if user is None:
-                raise _unknown(key, item)
+                raise _undeliverable(key, item, "a loop back to an alias being expanded")
             found.setdefault(user.name, user)
             continue
         before = len(found)
@@ -229,6 +229,8 @@ def check_alias_name(name: str) -> str:
         check_local_part(name)
     except AddressError as exc:
         raise AliasEditError(400, f"invalid alias name {name!r}: {exc}") from None
+    if name.startswith("#"):  # atext, but the line would be a comment
+        raise AliasEditError(400, f"invalid alias name {name!r}: it would read as a comment")
     return name.lower()
 
 
@@ -335,11 +337,12 @@ def _add(path: str, key: str, new: list[str], check: CheckAlias | None) -> None:
     seen = {c.lower() for c in current}
     merged = ", ".join(current + [t for t in new if t.lower() not in seen])
     if check is not None:
-        edited = {**table.mapping, key: merged}
+        edited = Table(table.name, "map", table.source, [], {**table.mapping, key: merged})
         try:
-            check(key, Table(table.name, "map", table.source, [], edited))
+            check(key, edited)
         except ExpansionError as exc:
             raise AliasEditError(400, f"alias {key!r} not added: {exc.text}") from None
+        _keep_others_deliverable(table, edited, check, f"alias {key!r} not added")
     entry = f"{key}: {merged}\n"
     for name, start, end in _entry_spans(lines):
         if name == key:
@@ -362,12 +365,36 @@ def _current_table(path: str) -> Table:
         raise AliasEditError(409, str(exc)) from None
 
 
-def remove(path: str, name: str) -> None:
+def _keep_others_deliverable(
+    before: Table, after: Table, check: CheckAlias, refusal: str
+) -> None:
+    """Refuse an edit that leaves an alias mail used to reach with nowhere to go (a loop
+    through the edited one, or one that names a removed alias)."""
+    for other in after.mapping:
+        try:
+            check(other, after)
+        except ExpansionError as broken:
+            try:
+                check(other, before)
+            except ExpansionError:
+                continue  # it was broken already: not this edit's doing
+            raise AliasEditError(
+                400, f"{refusal}: alias {other!r} would fail ({broken.text})"
+            ) from None
+
+
+def remove(path: str, name: str, check: CheckAlias | None = None) -> None:
+    """Remove an alias; with ``check``, not one that other aliases still lead to."""
     key = name.lower()
     with _EDIT_LOCK:
         lines = _read_lines(path)
         for entry, start, end in _entry_spans(lines):
             if entry == key:
+                if check is not None:
+                    table = _current_table(path)
+                    rest = {k: v for k, v in table.mapping.items() if k != key}
+                    after = Table(table.name, "map", table.source, [], rest)
+                    _keep_others_deliverable(table, after, check, f"alias {key!r} not removed")
                 del lines[start:end]
                 _write_lines(path, lines)
                 return

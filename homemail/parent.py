@@ -438,7 +438,7 @@ class Parent:
             if op == "add":  # checked against the rules here, where the file is written
                 aliases.add(path, name, targets, self.ruleset.check_alias)
             else:
-                aliases.remove(path, name)
+                aliases.remove(path, name, self.ruleset.check_alias)
         except aliases.AliasEditError as exc:
             self.reply_result(ident, ok=False, permanent=True, status=str(exc.code), text=str(exc))
             return

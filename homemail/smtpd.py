@@ -696,7 +696,7 @@ class Daemon:
         if op == "add":  # checked against the rules as they are when the file is written
             await asyncio.to_thread(aliases_add, path, name, targets, self.ctx.ruleset.check_alias)
         else:
-            await asyncio.to_thread(aliases_remove, path, name)
+            await asyncio.to_thread(aliases_remove, path, name, self.ctx.ruleset.check_alias)
 
     def aliases_path(self) -> str | None:
         return aliases_file(self.cfg)

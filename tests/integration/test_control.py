@@ -609,6 +609,26 @@ def test_alias_add_refuses_targets_mail_could_not_be_delivered_to(ctld: Daemon) 
     assert rcpt_code(ctld, "erin@localhost") == 250
 
 
+def test_an_alias_edit_that_would_break_another_alias_is_refused(ctld: Daemon) -> None:
+    """postmaster must stay deliverable (RFC 5321 4.5.1): an alias named like its user that
+    loops back, or removing an alias others lead to, would leave them nowhere to go."""
+    aliases = ctld.dir / "aliases"
+    ok(run_ctl(ctld, "alias", "add", "helpers", USER))
+    ok(run_ctl(ctld, "alias", "add", "chain", "helpers"))
+    before = aliases.read_bytes()
+    looped = run_ctl(ctld, "alias", "add", USER, "postmaster")  # postmaster -> USER -> itself
+    assert looped.returncode == 65 and "'postmaster' would fail" in looped.stderr, looped
+    removed = run_ctl(ctld, "alias", "remove", "helpers")  # chain leads there
+    assert removed.returncode == 65 and "'chain' would fail" in removed.stderr, removed
+    comment = run_ctl(ctld, "alias", "add", "#c", USER)  # would be written as a comment line
+    assert comment.returncode == 65 and "comment" in comment.stderr, comment
+    assert aliases.read_bytes() == before
+    assert rcpt_code(ctld, "postmaster@localhost") == 250
+    assert rcpt_code(ctld, "chain@localhost") == 250
+    ok(run_ctl(ctld, "alias", "remove", "chain"))  # in the right order, both go
+    ok(run_ctl(ctld, "alias", "remove", "helpers"))
+
+
 def test_concurrent_alias_edits_all_land(ctld: Daemon) -> None:
     aliases = ctld.dir / "aliases"
     names = [f"conc{i}" for i in range(12)]
