@@ -300,7 +300,8 @@ class ControlClient:
     def _check_socket_dir(self) -> None:
         """Only a socket in a directory of root's or ours: one planted by another user (the
         predictable /tmp fallback) must not receive our mail.  Raises UntrustedSocket."""
-        reason = untrusted_directory(os.path.dirname(os.path.abspath(self.path)), shared_ok=True)
+        # the whole path: a link as its last name is followed too (to whose socket?)
+        reason = untrusted_directory(os.path.abspath(self.path), shared_ok=True)
         if reason is not None:
             raise UntrustedSocket(self.path, reason)
 

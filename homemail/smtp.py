@@ -601,7 +601,9 @@ class Session(SMTP):
                 if not dropped:  # the size is the unstuffed one (RFC 1870)
                     dots += buf.count(b"\r\n.", max(0, counted - 2))
                     counted = len(buf)
-                if dropped or len(buf) - dots > limit + 2:
+                # slack for a terminator cut in two (".\r" counted as a stuffed dot): the
+                # exact check is made on the unstuffed message below
+                if dropped or len(buf) - dots > limit + 8:
                     dropped += len(buf) - 4
                     del buf[:-4]  # keep only what a terminator could start in
                     searched = 0

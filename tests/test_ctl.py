@@ -372,6 +372,12 @@ def test_socket_directories_another_user_could_have_made_are_not_trusted(tmp_pat
         our_link = mine / "via"  # ours, to theirs, to ours: the middle of the chain counts
         our_link.symlink_to(their_link)
         assert "belongs to uid 65534" in (ctl.untrusted_directory(str(our_link / "x")) or "")
+        foreign_socket_dir = sticky / "their-run"
+        foreign_socket_dir.mkdir()
+        os.chown(foreign_socket_dir, 65534, 65534)
+        (mine / "hm.sock").symlink_to(foreign_socket_dir / "control.sock")  # ours, to theirs
+        with pytest.raises(ctl.UntrustedSocket, match="belongs to uid 65534"):
+            ctl.ControlClient(str(mine / "hm.sock"))._check_socket_dir()
         relative = mine / "rel"
         relative.symlink_to("../mine/.")  # relative links and dots are walked as well
         assert ctl.untrusted_directory(str(relative / "x")) is None

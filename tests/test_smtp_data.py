@@ -136,3 +136,20 @@ def test_the_header_section_ends_at_the_first_line_that_is_not_a_field(
         assert body == b"\r\n" + rest
     else:
         assert body == rest
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])  # ".\r" | "\n", "." | "\r\n", "\r\n" | ".\r\n"...
+async def test_a_message_at_the_limit_is_taken_wherever_the_end_is_cut(cut: int):
+    message = b"x" * 98 + b"\r\n"
+    message = message * 100  # 10,000 octets: the limit exactly
+    reader = asyncio.StreamReader()
+    stream = message + b".\r\n"
+    reader.feed_data(stream[:-cut])
+    fake = SimpleNamespace(
+        _reader=reader, ctx=SimpleNamespace(max_message_size=len(message)),
+        _reset_timeout=lambda: None,
+    )
+    task = asyncio.ensure_future(Session._read_data(fake))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    reader.feed_data(stream[-cut:])
+    assert await task == message
