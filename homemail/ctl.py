@@ -1205,10 +1205,14 @@ def field_value(raw: bytes) -> str:
 
 
 def header_recipients(parsed: Parsed) -> list[str]:
-    """The addresses in To, Cc and Bcc (for -t), unchecked."""
+    """The addresses in To, Cc and Bcc (for -t), unchecked; those of Resent-To, Resent-Cc
+    and Resent-Bcc instead when there are any (a message being re-sent), as Sendmail does."""
+    names = ("to", "cc", "bcc")
+    if any(name in ("resent-to", "resent-cc", "resent-bcc") for name, _ in parsed.fields):
+        names = ("resent-to", "resent-cc", "resent-bcc")
     found: list[str] = []
     for name, raw in parsed.fields:
-        if name in ("to", "cc", "bcc"):
+        if name in names:
             found.extend(split_addresses(field_value(raw)))
     return found
 
@@ -1226,7 +1230,7 @@ def build_message(
     from email.utils import formataddr, formatdate
 
     names = {name for name, _ in parsed.fields}
-    out = [raw for name, raw in parsed.fields if not (remove_bcc and name == "bcc")]
+    out = [raw for name, raw in parsed.fields if not (remove_bcc and name in ("bcc", "resent-bcc"))]
     if "from" not in names:
         value = formataddr((fullname, from_address), charset="utf-8") if fullname else from_address
         out.append(f"From: {value}\r\n".encode())
@@ -1431,7 +1435,11 @@ def sendmail(argv: Sequence[str], sock_path: str) -> int:
         return EX_OK
     if args.mode == "smtp":
         client = ControlClient(sock_path, timeout=SMTP_TIMEOUT)
-        client.connect()
+        try:
+            client.connect()
+        except (DaemonDown, UntrustedSocket, OSError) as exc:  # the client on stdin is told
+            _write("421 4.3.2 homemail is not running here; try again later\r\n")
+            raise Exit(EX_TEMPFAIL, str(getattr(exc, "message", "") or exc)) from None
         sock = client.start_smtp()
         try:
             relay(sock, sys.stdin.fileno(), sys.stdout.fileno())

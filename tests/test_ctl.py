@@ -1772,6 +1772,23 @@ def test_sendmail_bs_relays_both_ways(
     assert smtp.lines == [b"EHLO me\r\n", b"NOOP\r\n", b"QUIT\r\n"]
 
 
+def test_sendmail_bs_without_a_daemon_says_421_and_exits_75(tmp_path: Path) -> None:
+    done = run_cli(tmp_path, "-bs", prog=linked(tmp_path, "sendmail"), stdin=b"EHLO a\nQUIT\n",
+                   HOMEMAIL_SOCKET=str(tmp_path / "nothing.sock"))
+    assert done.returncode == ctl.EX_TEMPFAIL, done
+    assert done.stdout.startswith(b"421 4.3.2 "), done.stdout
+
+
+def test_sendmail_t_takes_the_resent_recipients_of_a_message_being_resent(tmp_path: Path) -> None:
+    message = (b"To: old@example.org\nResent-To: new@example.org\nResent-Bcc: hid@example.org\n"
+               b"Subject: s\n\nx\n")
+    done = run_cli(tmp_path, "-t", prog=linked(tmp_path, "sendmail"), stdin=message)
+    assert done.returncode == 0, done.stderr
+    [item] = spooled(tmp_path)
+    assert item.rcpts == ["new@example.org", "hid@example.org"]
+    assert b"Resent-Bcc" not in item.message and b"To: old@example.org" in item.message
+
+
 def test_sendmail_bs_takes_lf_line_endings(
     daemon: Callable[[dict[str, Handler]], FakeDaemon], tmp_path: Path
 ) -> None:
