@@ -988,6 +988,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="configuration file, for run and check-config (as in 'homemail -n -f FILE')",
     )
+    parser.add_argument(
+        "-v", dest="verbose_top", action="store_true", help="with -n: as check-config -v"
+    )
+    parser.add_argument(
+        "--user-mode", dest="user_mode_top", action="store_true",
+        help="with -n: as check-config --user-mode",
+    )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument(
@@ -1240,8 +1247,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_only or args.command == "check-config":
         return check_config(
             config,
-            user_mode=getattr(args, "user_mode", False),
-            verbose=getattr(args, "verbose", False),
+            user_mode=getattr(args, "user_mode", False) or args.user_mode_top,
+            verbose=getattr(args, "verbose", False) or args.verbose_top,
         )
     if args.command == "run":
         args.config = config

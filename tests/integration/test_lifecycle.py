@@ -576,7 +576,11 @@ def test_check_config_verbose_prints_the_effective_configuration(tmp_path) -> No
 
     cfg = tmp_path / "smtpd.conf"
     cfg.write_text('listen on 127.0.0.1 port 2526\naction "l" maildir ttl 1h\nmatch action "l"\n')
-    for args in (["check-config", "-v", "-f", str(cfg)], ["-f", str(cfg), "check-config", "-v"]):
+    for args in (
+        ["check-config", "-v", "-f", str(cfg)],
+        ["-f", str(cfg), "check-config", "-v"],
+        ["-n", "-v", "-f", str(cfg)],  # -n is check-config, with its options
+    ):
         result = run_homemail(*args)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"# effective configuration of {cfg}\n")
