@@ -1439,7 +1439,7 @@ def sendmail(argv: Sequence[str], sock_path: str) -> int:
             client.connect()
         except (DaemonDown, UntrustedSocket, OSError) as exc:  # the client on stdin is told
             _write("421 4.3.2 homemail is not running here; try again later\r\n")
-            raise Exit(EX_TEMPFAIL, str(getattr(exc, "message", "") or exc)) from None
+            raise Exit(EX_UNAVAILABLE, str(getattr(exc, "message", "") or exc)) from None
         sock = client.start_smtp()
         try:
             relay(sock, sys.stdin.fileno(), sys.stdout.fileno())
