@@ -132,6 +132,7 @@ class _Segment:
     size: int = 0
     live: set[int] = field(default_factory=set)  # msgids whose M record is here
     sealed_at: float = 0.0
+    corrupt: bool = False  # a record did not read: the file is kept when released
 
 
 def _record(kind: bytes, meta: dict[str, Any], data: bytes = b"") -> bytes:
@@ -242,7 +243,7 @@ class FsQueue(Queue):
             self._scanning = True  # scan() walks queue/ for the rest
             found = []
             for msgid in list(self._messages):
-                envs = self._read_msgdir(self._msgdir(msgid))
+                envs, _ = self._read_msgdir(self._msgdir(msgid))  # the walk sets bad ones aside
                 if envs:
                     found.append((msgid, envs))
         result = self._adopt(found)
@@ -368,7 +369,12 @@ class FsQueue(Queue):
             self._index_written = False
 
     def _replay(self, seg: _Segment) -> None:
+        """Apply a segment's records.  A record cut short ends the segment (a torn tail: it
+        was never acknowledged); a whole record that does not read, with the next one where
+        its lengths say, is skipped, logged, and the segment kept as ``.corrupt`` when it is
+        released, so that one bad byte costs one record, not every record after it."""
         with open(seg.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             pos = 0
             while True:
                 header = f.read(HEADER.size)
@@ -378,20 +384,28 @@ class FsQueue(Queue):
                 if magic != MAGIC:
                     break
                 js = f.read(jlen)
-                if kind == ord("M"):
-                    data_offset = pos + HEADER.size + jlen
-                    data = f.read(dlen)
-                else:
-                    data_offset = 0
-                    data = f.read(dlen)
-                if len(js) < jlen or len(data) < dlen or zlib.crc32(data, zlib.crc32(js)) != crc:
+                data_offset = pos + HEADER.size + jlen if kind == ord("M") else 0
+                data = f.read(dlen)
+                if len(js) < jlen or len(data) < dlen:
                     break
-                pos += HEADER.size + jlen + dlen
+                end = pos + HEADER.size + jlen + dlen
                 try:
-                    meta = json.loads(js)
-                    self._apply(seg, kind, meta, data_offset, dlen)
-                except (ValueError, TypeError, KeyError):
-                    break
+                    if zlib.crc32(data, zlib.crc32(js)) != crc:
+                        raise ValueError("checksum")
+                    self._apply(seg, kind, json.loads(js), data_offset, dlen)
+                except Exception as exc:  # a bad record, of whatever shape
+                    following = f.read(len(MAGIC))
+                    f.seek(end)
+                    if end != size and following != MAGIC:
+                        break  # its lengths are not to be trusted either: stop here
+                    seg.corrupt = True
+                    log.event("-", "queue", "corrupt-record", segment=os.path.basename(seg.path),
+                              offset=pos, kind=chr(kind) if 32 < kind < 127 else kind,
+                              error=type(exc).__name__)
+                pos = end
+            if pos < size:  # a torn tail (a crash mid-write): logged, nothing to keep
+                log.event("-", "queue", "journal-tail", segment=os.path.basename(seg.path),
+                          ignored=size - pos, offset=pos)
             seg.size = pos
 
     def _apply(self, seg: _Segment, kind: int, meta: Any, offset: int, length: int) -> None:
@@ -436,27 +450,55 @@ class FsQueue(Queue):
                 continue
             if msgid in self._messages:  # a hint only: scan() checks again, locked
                 continue
-            envs = self._read_msgdir(msgdir.path)
+            envs, corrupt = self._read_msgdir(msgdir.path)
+            if corrupt:
+                self._set_aside(msgdir.path, corrupt, whole=not envs)
             if envs:
                 found.append((msgid, envs))
-            elif msgid not in self._messages:
-                shutil.rmtree(msgdir.path, ignore_errors=True)
+            elif not corrupt and msgid not in self._messages:
+                shutil.rmtree(msgdir.path, ignore_errors=True)  # its last envelope was done
         return found
 
-    def _read_msgdir(self, path: str) -> list[Envelope]:
+    def _read_msgdir(self, path: str) -> tuple[list[Envelope], list[str]]:
+        """The envelopes of a message directory, and the names of those that do not read."""
         envs: list[Envelope] = []
+        corrupt: list[str] = []
         try:
             entries = list(os.scandir(path))
         except (FileNotFoundError, NotADirectoryError):
-            return envs
+            return envs, corrupt
         for entry in entries:
             if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
                 try:
                     with open(entry.path, "rb") as f:
                         envs.append(Envelope.from_json(json.load(f)))
-                except (OSError, ValueError, TypeError):
-                    continue
-        return envs
+                except FileNotFoundError:
+                    continue  # done meanwhile
+                except Exception:  # truncated, garbage, or JSON of the wrong shape
+                    corrupt.append(entry.name)
+        return envs, corrupt
+
+    def _set_aside(self, msgdir: str, names: list[str], *, whole: bool) -> None:
+        """Move what does not read into SPOOL/corrupt/ (never delete a message), and say so;
+        the envelopes that read are delivered as usual."""
+        corrupt_dir = os.path.join(self.spool, "corrupt")
+        msg = os.path.basename(msgdir)
+        try:
+            os.makedirs(corrupt_dir, mode=0o700, exist_ok=True)
+            if whole:
+                os.rename(msgdir, os.path.join(corrupt_dir, f"{msg}.{int(time.time())}"))
+            else:
+                for name in names:
+                    aside = os.path.join(corrupt_dir, f"{msg}.{name}")
+                    os.rename(os.path.join(msgdir, name), aside)
+                with contextlib.suppress(OSError):
+                    copy = os.path.join(corrupt_dir, f"{msg}.message")
+                    shutil.copy2(os.path.join(msgdir, "message"), copy)
+            fsync_dir(corrupt_dir)
+        except OSError as exc:
+            log.error(f"queue: cannot set {msgdir} aside: {exc}")
+            return
+        log.event(msg, "queue", "corrupt", envelopes=",".join(names), moved_to=corrupt_dir)
 
     # -- the commit thread -------------------------------------------------------------------
 
@@ -627,7 +669,10 @@ class FsQueue(Queue):
                             self._copy_failed.pop(msgid, None)
                     if waiting:
                         return False  # this segment stays; a later pass tries again
-                os.unlink(oldest.path)
+                if oldest.corrupt:  # kept for whoever looks into what it lost
+                    os.replace(oldest.path, oldest.path + ".corrupt")
+                else:
+                    os.unlink(oldest.path)
                 self._segments.pop(0)
                 released = True
                 for msgid in [m for m in self._copy_failed if m not in self._messages]:

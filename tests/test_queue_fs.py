@@ -114,6 +114,59 @@ async def test_corrupt_record_crc_stops_replay_of_that_segment(tmp_path):
     await q2.close()
 
 
+async def test_a_corrupt_record_costs_that_record_only_and_its_segment_is_kept(tmp_path):
+    spool = str(tmp_path)
+    q = FsQueue(spool)
+    q.load()
+    batches = [envelopes() for _ in range(5)]
+    for n, envs in enumerate(batches):
+        await q.commit(f"Subject: m{n}\r\n\r\nbody {n}\r\n".encode(), envs)
+    await q.close()
+    seg = tmp_path / "journal" / sorted(os.listdir(tmp_path / "journal"))[-1]
+    data = bytearray(seg.read_bytes())
+    data[data.index(b"body 1") + 5] ^= 0xFF  # a bad byte in the second message only
+    seg.write_bytes(bytes(data))
+    q2 = FsQueue(spool)
+    loaded = {e.evpid for e in q2.load()}
+    assert loaded == {b[0].evpid for n, b in enumerate(batches) if n != 1}
+    for env in [b[0] for n, b in enumerate(batches) if n != 1]:
+        await q2.remove(env)
+    await q2.close()
+    q3 = FsQueue(spool, segment_max_age=0.0)
+    q3.load()
+    await q3.commit(b"rotate\r\n", envelopes())  # the old segment is released...
+    await wait_for(lambda: not seg.exists(), "the segment's release")
+    assert Path(f"{seg}.corrupt").exists()  # ...and kept, for whoever looks into what it lost
+    await q3.close()
+
+
+@pytest.mark.parametrize("content", [b"[]", b"null", b"garbage{{{", b'{"evpid": 1'])
+async def test_an_envelope_file_that_does_not_read_is_set_aside_and_the_rest_loads(
+    tmp_path, content
+):
+    spool = str(tmp_path)
+    q = FsQueue(spool, segment_max_age=0.0, materialize_after=0.0)
+    q.load()
+    batches = [envelopes() for _ in range(4)]
+    for envs in batches:
+        await q.commit(b"Subject: s\r\n\r\nx\r\n", envs)
+    await q.commit(b"rotate\r\n", envelopes())
+    await wait_for(lambda: copied_into_queue_dir(tmp_path) >= 4, "the copy into queue/")
+    await q.close()
+    (tmp_path / "queue" / "index").unlink(missing_ok=True)  # as after a crash: walk queue/
+    bad = batches[0][0]
+    [bad_file] = [p for p in (tmp_path / "queue").rglob(f"{bad.evpid:016x}*.json")]
+    bad_file.write_bytes(content)
+    q2 = FsQueue(spool)
+    loaded = {e.evpid for e in q2.load()}
+    assert {b[0].evpid for b in batches[1:]} <= loaded and bad.evpid not in loaded
+    aside = list((tmp_path / "corrupt").iterdir())
+    assert aside, "the unreadable envelope's message was deleted, not set aside"
+    kept = [p.read_bytes() for p in (tmp_path / "corrupt").rglob("message")]
+    assert b"Subject: s\r\n\r\nx\r\n" in kept
+    await q2.close()
+
+
 async def test_delivered_segments_are_released(tmp_path):
     spool = str(tmp_path)
     q = FsQueue(spool, segment_max_age=0.0, materialize_after=3600)
