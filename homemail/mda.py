@@ -349,6 +349,27 @@ def _append(fd: int, data: bytes, size: int) -> None:
         raise
 
 
+def _holder_is_gone(lock_path: str) -> bool:
+    """Whether the dotlock names a process (its pid, as we and most MUAs write it) that no
+    longer exists here: one killed while it held the lock, which would otherwise block the
+    mailbox until the lock is old enough to be called stale."""
+    try:
+        with open(lock_path, "rb") as f:
+            text = f.read(32).strip()
+        pid = int(text)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, somebody else's
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def _dotlock(lock_path: str, deadline: float, stale_age: float) -> Iterator[None]:
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -360,7 +381,8 @@ def _dotlock(lock_path: str, deadline: float, stale_age: float) -> Iterator[None
         except FileExistsError:
             pass
         try:
-            if time.time() - os.lstat(lock_path).st_mtime > stale_age:
+            age = time.time() - os.lstat(lock_path).st_mtime
+            if age > stale_age or (age > 1.0 and _holder_is_gone(lock_path)):
                 os.unlink(lock_path)
                 continue
         except FileNotFoundError:

@@ -478,6 +478,23 @@ def test_mbox_stale_dotlock_removed(tmp_path: Path) -> None:
     assert not lock.exists()
 
 
+def test_mbox_dotlock_of_a_process_that_is_gone_is_broken_at_once(tmp_path: Path) -> None:
+    """A delivery killed while it held the lock: its pid is gone, so the lock is stale well
+    before it is five minutes old (it would hold up the mailbox, and a delivery slot, so long)."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    box = tmp_path / "bob"
+    lock = tmp_path / "bob.lock"
+    lock.write_bytes(f"{dead.pid}\n".encode())
+    old = time.time() - 5
+    os.utime(lock, (old, old))
+    deliver_mbox(str(box), MESSAGE, make_delivery(), lock_timeout=1)  # would wait, then fail
+    assert box.read_bytes().startswith(b"From alice@example.org ")
+    assert not lock.exists()
+
+
 def test_mbox_fresh_dotlock_waits_then_fails(tmp_path: Path) -> None:
     box = tmp_path / "bob"
     box.write_bytes(b"")
