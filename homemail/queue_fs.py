@@ -703,7 +703,10 @@ class FsQueue(Queue):
             write_file_synced(os.path.join(tmpdir, f"{format_id(env.evpid)}.json"), env.dumps())
         fsync_dir(tmpdir)
         final = self._msgdir(msgid)
-        os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+        bucket = os.path.dirname(final)
+        if not os.path.isdir(bucket):  # a new bucket: its own entry in queue/ is synced too
+            os.makedirs(bucket, mode=0o700, exist_ok=True)
+            fsync_dir(self.queue_dir)
         if os.path.lexists(final):  # an earlier copy renamed, then not synced: this one wins
             shutil.rmtree(final)
         os.rename(tmpdir, final)
