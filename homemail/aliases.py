@@ -138,7 +138,8 @@ def _expand(
     *,
     depth: int,
     seen: set[str],
-) -> None:
+) -> bool:
+    """Add the users ``local`` leads to; False when it is neither a user nor an alias."""
     if depth > MAX_DEPTH:
         raise ExpansionError(524, "5.2.4", "Alias expansion too deep")
     key = local.lower()
@@ -155,7 +156,7 @@ def _expand(
         user = users.lookup(base)
         if user is not None:
             found.setdefault(user.name, user)
-        return
+        return user is not None
     seen = seen | {key}
     for item in (t.strip() for t in value.split(",")):
         if not item:
@@ -180,10 +181,10 @@ def _expand(
                 raise _undeliverable(key, item, "a loop back to an alias being expanded")
             found.setdefault(user.name, user)
             continue
-        before = len(found)
-        _expand(target, table, users, delim, is_local_domain, found, depth=depth + 1, seen=seen)
-        if len(found) == before and not _names_someone(target, table, users, delim):
+        if not _expand(target, table, users, delim, is_local_domain, found, depth=depth + 1,
+                       seen=seen):
             raise _unknown(key, item)
+    return True
 
 
 def _undeliverable(alias: str, target: str, why: str) -> ExpansionError:
@@ -200,17 +201,6 @@ def _unknown(alias: str, target: str) -> ExpansionError:
         f"Invalid recipient: alias {alias!r} names {target!r}, no such user or alias",
         private=True,
     )
-
-
-def _names_someone(target: str, table: Table | None, users: UserDb, delim: str) -> bool:
-    """Whether ``target`` is a user or an alias (one whose users were found already)."""
-    if users.lookup(split_subaddress(target, delim)[0]) is not None:
-        return True
-    if table is None:
-        return False
-    key = target.lower()
-    base = split_subaddress(key, delim)[0]
-    return table.lookup(key) is not None or table.lookup(base) is not None
 
 
 # -- editing an aliases file in place (homemailctl alias …, the tray app) ---------------------
