@@ -707,16 +707,19 @@ def build_message(
             "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6 allows 1000 octets)", "line too long"
         )
     headers, body = split_header(content)
-    if _count_header(headers, b"received") >= MAX_RECEIVED:
+    fields = [(_name_of(f), f) for f in _header_lines(headers)]  # read once, used thrice
+    if sum(name == b"received" for name, _ in fields) >= MAX_RECEIVED:
         raise MessageRefused("554 5.4.6 Too many hops, routing loop detected", "routing loop")
-    for name in (b"bcc", b"resent-bcc", b"return-path"):  # Postfix's drop_headers, as well
-        headers = _drop_header(headers, name)
+    kept = [(name, f) for name, f in fields if name not in _DROPPED]
+    if len(kept) < len(fields):
+        headers = b"".join(f for _, f in kept)
     added = []
     if add_ids:
-        if not _has_header(headers, b"message-id"):
+        names = {name for name, _ in kept}
+        if b"message-id" not in names:
             token = f"{random_bits(64):016x}"
             added.append(f"Message-ID: <{token}.{format_id(msgid)}@{hostname}>\r\n")
-        if not _has_header(headers, b"date"):
+        if b"date" not in names:
             added.append(f"Date: {_rfc5322_date(int(now))}\r\n")
     parts = ["Received: "]
     if origin is not None:
@@ -914,18 +917,7 @@ def _name_of(field_: bytes) -> bytes:
     return name.strip().lower() if colon else b""
 
 
-def _count_header(headers: bytes, name: bytes) -> int:
-    return sum(1 for f in _header_lines(headers) if _name_of(f) == name)
-
-
-def _has_header(headers: bytes, name: bytes) -> bool:
-    return _count_header(headers, name) > 0
-
-
-def _drop_header(headers: bytes, name: bytes) -> bytes:
-    if name not in headers.lower():
-        return headers
-    return b"".join(f for f in _header_lines(headers) if _name_of(f) != name)
+_DROPPED = frozenset((b"bcc", b"resent-bcc", b"return-path"))  # Postfix's drop_headers, too
 
 
 ListenerKey = tuple[str, int, str, str, bool]
