@@ -126,11 +126,14 @@ class ServerContext:
         self.queue_ttl = queue_ttl
         self.enqueue = enqueue
         self.paused = False
-        self.sessions = 0
-        self.open: set[Session] = set()  # the connected sessions, for a shutdown's 421
+        self.open: set[Session] = set()  # the connected sessions (a shutdown tells them 421)
         self.total_sessions = 0
         self.notify: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         self.new_msgid: Callable[[], int] = new_msgid  # the daemon's checks the queue
+
+    @property
+    def sessions(self) -> int:
+        return len(self.open)
 
 
 class Session(SMTP):
@@ -218,7 +221,6 @@ class Session(SMTP):
                 peer = transport.get_extra_info("peername")
                 address = peer[0] if isinstance(peer, tuple) else ""
                 self.source = source_for(address, self.listener.tag)
-            self.ctx.sessions += 1
             self.ctx.total_sessions += 1
             self.ctx.open.add(self)
             log.event(
@@ -233,7 +235,6 @@ class Session(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if not self.lost:
             self.lost = True
-            self.ctx.sessions -= 1
             self.ctx.open.discard(self)
             reason = self._reason or ("error" if error is not None else "disconnected")
             log.event(self.sid, "smtp", "disconnected", reason=reason)
