@@ -214,20 +214,16 @@ def recorded_offline_dir(sock_path: str) -> str | None:
     directory of root's or ours that is reached through such directories only.
     """
     link = os.path.abspath(sock_path) + offline.LOCATION_SUFFIX
-    uid = os.geteuid()
-    if untrusted_directory(os.path.dirname(link)) is not None:
-        return None
     try:
-        st = os.lstat(link)
+        if not stat.S_ISLNK(os.lstat(link).st_mode):
+            return None
         target = os.path.realpath(link)
-        st_target = os.stat(target)
+        if not stat.S_ISDIR(os.stat(target).st_mode):
+            return None
     except (OSError, ValueError):
         return None
-    if not stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, uid):
-        return None
-    if not stat.S_ISDIR(st_target.st_mode) or st_target.st_uid not in (0, uid):
-        return None
-    if untrusted_directory(target) is not None:
+    # the walk follows the link: it, where it leads and every directory on the way are checked
+    if untrusted_directory(link) is not None:
         return None
     return target
 
