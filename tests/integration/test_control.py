@@ -629,40 +629,33 @@ def test_an_alias_edit_that_would_break_another_alias_is_refused(ctld: Daemon) -
     ok(run_ctl(ctld, "alias", "remove", "helpers"))
 
 
-def test_concurrent_alias_edits_all_land(ctld: Daemon) -> None:
-    aliases = ctld.dir / "aliases"
-    names = [f"conc{i}" for i in range(12)]
+def all_at_once(ctld: Daemon, commands: list[list[str]]) -> None:
+    """Run homemailctl commands at the same time; each must succeed."""
     procs = [
         subprocess.Popen(
-            [*HOMEMAILCTL, "--socket", str(ctld.socket), "alias", "add", name, USER],
+            [*HOMEMAILCTL, "--socket", str(ctld.socket), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=ctl_env(ctld),
         )
-        for name in names
+        for args in commands
     ]
     for proc in procs:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, (out, err)
+
+
+def test_concurrent_alias_edits_all_land(ctld: Daemon) -> None:
+    aliases = ctld.dir / "aliases"
+    names = [f"conc{i}" for i in range(12)]
+    all_at_once(ctld, [["alias", "add", name, USER] for name in names])
     text = aliases.read_text()
     assert [n for n in names if f"\n{n}: {USER}\n" not in text] == [], text
     listed = ok(run_ctl(ctld, "alias", "list")).splitlines()
     assert {f"{n}: {USER}" for n in names} <= set(listed), listed
 
-    procs = [
-        subprocess.Popen(
-            [*HOMEMAILCTL, "--socket", str(ctld.socket), "alias", "remove", name],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=ctl_env(ctld),
-        )
-        for name in names
-    ]
-    for proc in procs:
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, (out, err)
+    all_at_once(ctld, [["alias", "remove", name] for name in names])
     assert aliases.read_text() == ctld.render(ALIASES)
 
 
