@@ -36,12 +36,25 @@ unreachable destination, a 250 waits for one message's copy at most, not for all
 the journal is replayed, then ``queue/`` is read; a message present in both is taken from
 ``queue/``.
 
-**The index.**  Reading ``queue/`` costs a directory walk and a file per envelope: tens of seconds
-for 100,000 envelopes on a cold cache.  So a clean stop, once nothing can change ``queue/`` any
-more, writes every envelope of it into ``queue/index`` (one JSON line per message, between a
-header and an end line that carry the count; fsync'd, then renamed into place).  The next start
-reads the index instead of walking ``queue/``, and removes it — durably, before anything is
-written — so after any crash there is no index and ``queue/`` itself is read.
+**The index.**  Reading ``queue/`` costs a directory walk and two files per message: tens of
+seconds for 100,000 envelopes, and more on a cold cache.  So ``queue/index`` says what ``queue/``
+holds, one JSON line each: a header, then ``{"msgid", "envelopes"}`` for a message and its
+envelopes, ``{"u": envelope}`` for an envelope's new state, ``{"d": evpid}`` for one done.  A
+change to a message already in ``queue/`` is appended before the change is made, and a message
+copied there is appended once it is in place (until then its segment keeps it), so after a crash
+of the process the index is never behind ``queue/``.  Its lines are not synced: after a power
+loss it may miss the last ones, as the journal may miss its last ``U`` and ``D`` records, and the
+start copes the same way (an attempt is repeated; nothing is lost).
+
+- A clean stop rewrites it whole, ending with ``{"end": count}``; a start that finds it so, with
+  nothing appended after, trusts it and reads nothing else of ``queue/``.
+- Otherwise (a crash) the start lists the bucket directories only, while the daemon serves: a
+  message directory the index knows with envelopes is taken from it, one whose envelopes it saw
+  all done is removed, any other is read as without an index (so a line lost or never written
+  costs a read, never a message), and what the index knows but is gone from the disk is dropped.
+  No index at all, or one that does not read, means that walk for everything.
+- After such a walk, and when the appended lines outnumber twice the envelopes, the index is
+  rewritten whole, in a thread of its own (the lines appended meanwhile are carried over).
 """
 
 from __future__ import annotations
@@ -71,7 +84,8 @@ SEGMENT_MAX_AGE = 30.0
 MATERIALIZE_AFTER = 60.0
 MAINTAIN_SLICE = 0.05  # seconds of copying into queue/ before commits waiting get their turn
 COPY_RETRY = 30.0  # seconds before a message whose copy into queue/ failed is tried again
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 1: the same lines, written only by a clean stop
+COMPACT_MIN = 10_000  # lines appended to the index before it may be rewritten whole
 SCAN_THREADS = 16  # threads reading queue/ when there is no index
 CACHE_BYTES = 64 * 1024 * 1024
 
@@ -113,6 +127,15 @@ class _Message:
     segment: int | None  # None once materialized into queue/
     offset: int = 0
     length: int = 0
+
+
+@dataclass
+class _Index:
+    """What queue/index says."""
+
+    entries: dict[int, dict[int, Envelope]]  # msgid: evpid: envelope
+    clean: bool  # a clean stop's, nothing after: queue/ holds exactly this
+    changes: int  # "u" and "d" lines
 
 
 @dataclass
@@ -199,7 +222,14 @@ class FsQueue(Queue):
         self._thread: threading.Thread | None = None
         self._last_maintenance = 0.0
         self._scanning = False  # queue/ not yet walked: ids on disk are not all known
-        self._index_written = False
+        # queue/index: appended to under _lock; rewritten whole under _index_write_lock
+        self._index_fd = -1
+        self._index_size = 0
+        self._index_appended = 0  # lines since it was last written whole
+        self._index_write_lock = threading.Lock()
+        self._compacting = False
+        self._indexed: dict[int, list[Envelope]] = {}  # after a crash: what the index knew
+        self.walk_reads = 0  # message directories the walk read (not known to the index)
 
     # -- start and recovery ------------------------------------------------------------------
 
@@ -215,7 +245,8 @@ class FsQueue(Queue):
         self._spool_lock = lock_spool(self.spool)
 
     def start(self) -> list[Envelope]:
-        """Replay the journal and read the index; queue/ itself is walked by :meth:`scan`.
+        """Replay the journal and read the index; queue/ itself is walked by :meth:`scan`
+        unless a clean stop left an index.
 
         A message both in the journal and in ``queue/`` (a crash after its move) is taken
         from ``queue/`` here, so the walk only adds messages nothing else knows.
@@ -238,9 +269,13 @@ class FsQueue(Queue):
             self._replay(seg)
             self._segments.append(seg)
 
-        found = self._read_index()
-        if found is None:
-            self._scanning = True  # scan() walks queue/ for the rest
+        index = self._read_index() if self._index_ends_clean() else None
+        if index is not None and index.clean:  # a clean stop's: queue/ is what it says
+            found = [(msgid, list(envs.values())) for msgid, envs in index.entries.items() if envs]
+            self._open_index(rewrite=False)
+        else:  # scan() reads the index, if any, and walks queue/ for the rest
+            self._scanning = True
+            self._open_index(rewrite=not os.path.exists(self._index_path()))
             found = []
             for msgid in list(self._messages):
                 envs, _ = self._read_msgdir(self._msgdir(msgid))  # the walk sets bad ones aside
@@ -285,6 +320,11 @@ class FsQueue(Queue):
         """
         if not self._scanning:
             return
+        index = self._read_index()
+        if index is not None:
+            self._indexed = {m: list(e.values()) for m, e in index.entries.items()}
+            with self._lock:
+                self._index_appended += index.changes
         out: list[Envelope] = []
         for msgid, envs in self._scan_queue_dir():
             if self._closing:
@@ -299,74 +339,187 @@ class FsQueue(Queue):
         if out:
             yield out
         self._scanning = False
+        self._indexed = {}
+        if index is None or self.walk_reads or self._index_appended > COMPACT_MIN:
+            self._compact_index()  # everything is known now: the index says it in one piece
 
     def _index_path(self) -> str:
         return os.path.join(self.queue_dir, "index")
 
-    def _read_index(self) -> list[tuple[int, list[Envelope]]] | None:
-        """queue/'s envelopes from the index a clean stop wrote; None if there is none."""
-        path = self._index_path()
+    def _index_ends_clean(self) -> bool:
+        """Whether queue/index ends as a clean stop leaves it (then it is read at once; any
+        other is read by the walk, while the daemon serves)."""
         try:
-            with open(path, "rb") as f:
+            with open(self._index_path(), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+                tail = f.read()
+        except FileNotFoundError:
+            return False
+        return tail.endswith(b"}\n") and b'{"end":' in tail.rsplit(b"\n", 2)[-2]
+
+    def _read_index(self) -> _Index | None:
+        """What queue/index says queue/ holds; None if there is none or it does not read."""
+        try:
+            with open(self._index_path(), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return None
-        # gone before anything can change queue/: after a crash from here on, queue/ is read
-        os.unlink(path)
-        fsync_dir(self.queue_dir)
+        lines = data.split(b"\n")
+        torn = lines.pop() != b""  # an append cut short by a crash: the rest is good
+        entries: dict[int, dict[int, Envelope]] = {}
+        messages = changes = 0
+        end = None
         try:
-            lines = data.split(b"\n")
-            head, end = json.loads(lines[0]), json.loads(lines[-2])
-            count = head["count"]
-            if (
-                head.get("homemail-queue-index") != INDEX_VERSION
-                or end != {"end": count}
-                or len(lines) != count + 3
-                or lines[-1]
-            ):
+            head = json.loads(lines[0])
+            if head.get("homemail-queue-index") not in (1, INDEX_VERSION):
                 return None
-            found = []
-            for line in lines[1:-2]:
+            for line in lines[1:]:
                 item = json.loads(line)
-                envs = [Envelope.from_json(e) for e in item["envelopes"]]
-                if envs:
-                    found.append((int(item["msgid"]), envs))
-            return found
-        except (ValueError, TypeError, KeyError, AttributeError):
+                end = item.get("end")
+                if "envelopes" in item:
+                    messages += 1
+                    envs = [Envelope.from_json(e) for e in item["envelopes"]]
+                    entries[int(item["msgid"])] = {e.evpid: e for e in envs}
+                elif "u" in item:
+                    changes += 1
+                    env = Envelope.from_json(item["u"])
+                    known = entries.get(env.msgid)
+                    if known is not None and env.evpid in known:
+                        known[env.evpid] = env
+                elif "d" in item:
+                    changes += 1
+                    evpid = int(item["d"])
+                    entries.get(evpid >> 32, {}).pop(evpid, None)
+                elif end is None:
+                    return None
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError):
             return None
+        clean = not torn and not changes and end == messages == head.get("count", messages)
+        return _Index(entries, clean, changes)
+
+    def _open_index(self, *, rewrite: bool) -> None:
+        """Open queue/index for appending; a new one (header only) if ``rewrite``."""
+        path = self._index_path()
+        if rewrite:
+            header = json.dumps({"homemail-queue-index": INDEX_VERSION}).encode() + b"\n"
+            atomic_write(path, header)
+            fsync_dir(self.queue_dir)
+        self._index_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self._index_size = os.fstat(self._index_fd).st_size
+
+    def _index_append(self, item: dict[str, Any]) -> None:
+        """Record a change to queue/ (lock held), before it is made.  An index that missed
+        one would be trusted wrongly after a crash, so one that cannot be written is removed."""
+        if self._index_fd < 0:
+            return
+        line = json.dumps(item, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+        try:
+            if os.write(self._index_fd, line) != len(line):
+                raise OSError(28, "short write")
+        except OSError as exc:
+            log.error(f"queue: cannot append to {self._index_path()}: {exc}; removing it")
+            os.close(self._index_fd)
+            self._index_fd = -1
+            with contextlib.suppress(OSError):
+                os.unlink(self._index_path())
+            return
+        self._index_size += len(line)
+        self._index_appended += 1
+        if (
+            self._index_appended > max(COMPACT_MIN, 2 * len(self._files))
+            and not self._compacting
+            and not self._scanning
+            and not self._closing
+        ):
+            self._compacting = True
+            threading.Thread(target=self._compact_index, name="queue-index", daemon=True).start()
+
+    def _index_items(self) -> list[tuple[int, list[Envelope]]] | None:
+        """queue/'s messages and their envelopes (lock held); None if one is not known."""
+        items = []
+        for msgid, msg in self._messages.items():
+            if msg.segment is not None:
+                continue
+            envs = [self._files.get(e) for e in msg.evpids]
+            if any(e is None for e in envs):
+                return None
+            items.append((msgid, [e for e in envs if e is not None]))
+        return items
+
+    @staticmethod
+    def _index_lines(items: list[tuple[int, list[Envelope]]], *, end: bool) -> bytes:
+        dump = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+        lines = [dump({"homemail-queue-index": INDEX_VERSION})]
+        lines.extend(
+            dump({"msgid": msgid, "envelopes": [e.to_json() for e in envs]})
+            for msgid, envs in items
+        )
+        if end:
+            lines.append(dump({"end": len(items)}))
+        return ("\n".join(lines) + "\n").encode()
+
+    def _compact_index(self) -> None:
+        """Rewrite the index whole while the daemon runs (not on the loop's thread): the
+        snapshot is written and synced unlocked, then the lines appended meanwhile are copied
+        after it and it is renamed into place, locked."""
+        try:
+            with self._index_write_lock:
+                with self._lock:
+                    items = None if self._index_fd < 0 else self._index_items()
+                    mark = self._index_size
+                if items is None or self._closing:
+                    return
+                # the envelopes are the scheduler's: one changed meanwhile has its line after mark
+                data = self._index_lines(items, end=False)
+                path = self._index_path()
+                tmp = f"{path}.tmp"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                write_file_synced(tmp, data)
+                with self._lock:
+                    if self._index_fd < 0:  # removed meanwhile (an append failed)
+                        os.unlink(tmp)
+                        return
+                    with open(path, "rb") as f:
+                        f.seek(mark)
+                        tail = f.read()
+                    fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    try:
+                        if tail:
+                            os.write(fd, tail)
+                        os.rename(tmp, path)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    os.close(self._index_fd)
+                    self._index_fd = fd
+                    self._index_size = len(data) + len(tail)
+                    self._index_appended = tail.count(b"\n")
+                fsync_dir(self.queue_dir)
+        except OSError as exc:  # the index as it was stays good: lines are still appended
+            log.error(f"queue: cannot rewrite {self._index_path()}: {exc}")
+        finally:
+            self._compacting = False
 
     def _write_index(self) -> None:
-        """At a clean stop: queue/'s envelopes in one file, for a fast start.
+        """At a clean stop: the index rewritten whole, with its end line, for a fast start.
 
-        Written with the lock held, and a change to queue/ that still comes after it (a
-        delivery outliving the stop's wait) removes it again: see :meth:`_index_stale`.
+        A change to queue/ that still comes after it (a delivery outliving the stop's wait)
+        is appended after the end line, and the next start then checks queue/ (so the file
+        stays open until the process exits).
         """
-        if self._scanning:  # queue/ was not walked to the end: the index would miss messages
+        if self._scanning:  # queue/ was not walked to the end: the index as it is stays
             return
-        with self._lock:
-            items = []
-            for msgid, msg in self._messages.items():
-                if msg.segment is not None:
-                    continue
-                envs = [self._files.get(e) for e in msg.evpids]
-                if any(e is None for e in envs):
-                    return  # not known here: the next start reads queue/ itself
-                items.append((msgid, [e.to_json() for e in envs if e is not None]))
-            dump = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-            lines = [dump({"homemail-queue-index": INDEX_VERSION, "count": len(items)})]
-            lines.extend(dump({"msgid": msgid, "envelopes": envs}) for msgid, envs in items)
-            lines.append(dump({"end": len(items)}))
-            atomic_write(self._index_path(), ("\n".join(lines) + "\n").encode())
+        with self._index_write_lock, self._lock:
+            items = self._index_items()
+            if items is None or self._index_fd < 0:
+                return  # not known here: the next start reads queue/ itself
+            atomic_write(self._index_path(), self._index_lines(items, end=True))
             fsync_dir(self.queue_dir)
-            self._index_written = True
-
-    def _index_stale(self) -> None:
-        """queue/ is about to change after the index was written (lock held): remove it."""
-        if self._index_written:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._index_path())
-            fsync_dir(self.queue_dir)
-            self._index_written = False
+            os.close(self._index_fd)
+            self._index_fd = -1
+            self._open_index(rewrite=False)
+            self._index_appended = 0
 
     def _replay(self, seg: _Segment) -> None:
         """Apply a segment's records.  A record cut short ends the segment (a torn tail: it
@@ -439,6 +592,7 @@ class FsQueue(Queue):
 
     def _scan_bucket(self, path: str) -> list[tuple[int, list[Envelope]]]:
         found = []
+        reads = 0
         for msgdir in os.scandir(path):
             if self._closing:
                 break
@@ -450,6 +604,14 @@ class FsQueue(Queue):
                 continue
             if msgid in self._messages:  # a hint only: scan() checks again, locked
                 continue
+            known = self._indexed.get(msgid)
+            if known:  # queue/index knows it: nothing to read
+                found.append((msgid, known))
+                continue
+            if known is not None:  # the index saw its last envelope done (then the crash)
+                shutil.rmtree(msgdir.path, ignore_errors=True)
+                continue
+            reads += 1
             envs, corrupt = self._read_msgdir(msgdir.path)
             if corrupt:
                 self._set_aside(msgdir.path, corrupt, whole=not envs)
@@ -457,6 +619,8 @@ class FsQueue(Queue):
                 found.append((msgid, envs))
             elif not corrupt and msgid not in self._messages:
                 shutil.rmtree(msgdir.path, ignore_errors=True)  # its last envelope was done
+        with self._lock:
+            self.walk_reads += reads
         return found
 
     def _read_msgdir(self, path: str) -> tuple[list[Envelope], list[str]]:
@@ -731,6 +895,13 @@ class FsQueue(Queue):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self._envpath(env.evpid))
             seg.live.discard(msgid)
+            if not msg.evpids:  # all done while it was copied
+                shutil.rmtree(final, ignore_errors=True)
+                return
+            # in place: from now on its segment can go, and the index is what finds it fast
+            self._index_append(
+                {"msgid": msgid, "envelopes": [self._files[e].to_json() for e in msg.evpids]}
+            )
 
     # -- paths and reads ---------------------------------------------------------------------
 
@@ -829,13 +1000,13 @@ class FsQueue(Queue):
 
     def _update_file(self, envelope: Envelope) -> None:
         with self._lock:
-            self._index_stale()
             msg = self._messages.get(envelope.msgid)
             if msg is None or envelope.evpid not in msg.evpids:
                 return
             if msg.segment is not None:  # raced with nothing: only journal→dir moves happen
                 self._envelopes[envelope.evpid] = Envelope.from_json(envelope.to_json())
                 return
+            self._index_append({"u": envelope.to_json()})
             try:
                 atomic_write(self._envpath(envelope.evpid), envelope.dumps())
             except OSError as exc:
@@ -860,7 +1031,6 @@ class FsQueue(Queue):
 
     def _remove_file(self, evpid: int) -> None:
         with self._lock:
-            self._index_stale()
             msg = self._messages.get(evpid >> 32)
             if msg is None or evpid not in msg.evpids:
                 return
@@ -868,6 +1038,7 @@ class FsQueue(Queue):
                 self._envelopes.pop(evpid, None)
                 self._forget(evpid)
                 return
+            self._index_append({"d": evpid})
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._envpath(evpid))
             self._forget(evpid)

@@ -805,6 +805,7 @@ class Daemon:
                 "loaded",
                 envelopes=loaded,
                 queued=len(self.scheduler.envelopes),
+                read=getattr(self.queue, "walk_reads", loaded),
                 seconds=f"{time.monotonic() - started:.1f}",
             )
 

@@ -1,4 +1,5 @@
-"""Starting on a big queue: the index after a clean stop, the walk of queue/ after a crash.
+"""Starting on a big queue: queue/index after a clean stop and after a kill, the walk of queue/
+when there is no index.
 
 The spool is filled in-process with the real on-disk queue (messages moved into ``queue/`` as
 they are after a minute in the journal), with envelopes paused so that nothing is delivered;
@@ -21,7 +22,8 @@ MESSAGES = 1500
 
 
 def fill(spool: Path, count: int) -> set[str]:
-    """``count`` paused messages, all moved into queue/; the spool left as a crash leaves it."""
+    """``count`` paused messages, all moved into queue/; the spool left as a crash leaves it,
+    without queue/index (as an older release's crash did)."""
 
     async def go() -> set[str]:
         q = FsQueue(str(spool), segment_max_age=0.0, materialize_after=0.0)
@@ -77,8 +79,9 @@ def test_after_a_crash_the_daemon_serves_while_it_reads_queue_dir(daemon: Daemon
     daemon.wait_for_message(tag.encode())
     # the queue verbs answer for the whole queue: they wait for the walk
     assert queue_ids(daemon) == ids
-    [loaded] = daemon.wait_for_log(r"queue loaded envelopes=(\d+)")
+    [loaded] = daemon.wait_for_log(r"queue loaded envelopes=(\d+) .*read=(\d+)")
     assert int(loaded.group(1)) == MESSAGES
+    assert int(loaded.group(2)) == MESSAGES  # no index: every message directory was read
     # a clean stop writes the index; the next start reads it and does not walk queue/
     assert daemon.stop() == 0
     assert (daemon.spool / "queue" / "index").exists()
@@ -86,9 +89,34 @@ def test_after_a_crash_the_daemon_serves_while_it_reads_queue_dir(daemon: Daemon
     daemon.start(write=False)
     [ready] = daemon.wait_for_log(r"smtpd ready .*queued=(\d+) .*loading=no", since=mark)
     assert int(ready.group(1)) == MESSAGES
-    assert not (daemon.spool / "queue" / "index").exists()
     assert queue_ids(daemon) == ids
     assert "queue loaded" not in daemon.log()[mark:]
+
+
+def test_after_a_kill_the_index_spares_the_walk_and_keeps_every_change(daemon: Daemon) -> None:
+    ids = fill(daemon.spool, MESSAGES)
+    daemon.start()
+    daemon.wait_for_log(r"queue loaded envelopes=\d+")  # the walk, then the index written
+    removed, resumed, *_ = sorted(ids)
+    result = run_ctl(daemon, "remove", removed)
+    assert result.returncode == 0, result.stderr
+    result = run_ctl(daemon, "resume", "envelope", resumed)
+    assert result.returncode == 0, result.stderr
+    daemon.wait_for_files(daemon.maildir / "new", 1)
+    assert queue_ids(daemon) == ids - {removed, resumed}
+    daemon.kill()
+    mark = daemon.log_mark()
+    daemon.start(write=False)
+    [loaded] = daemon.wait_for_log(r"queue loaded envelopes=(\d+) .*read=(\d+)", since=mark)
+    assert int(loaded.group(1)) == MESSAGES - 2
+    assert int(loaded.group(2)) == 0  # every message directory was known from the index
+    assert queue_ids(daemon) == ids - {removed, resumed}
+    assert len(daemon.maildir_files()) == 1  # and the one delivered is not delivered again
+    result = run_ctl(daemon, "resume", "envelope", "all")
+    assert result.returncode == 0, result.stderr
+    daemon.wait_for_files(daemon.maildir / "new", MESSAGES - 1, timeout=120)
+    assert daemon.stop() == 0
+    assert len(daemon.maildir_files()) == MESSAGES - 1
 
 
 def test_a_stop_during_the_walk_loses_nothing(daemon: Daemon) -> None:
