@@ -14,6 +14,7 @@ address has no domain.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 ATEXT_SPECIALS = frozenset("!#$%&'*+-/=?^_`{|}~")
@@ -135,3 +136,20 @@ def split_subaddress(local: str, delim: str) -> tuple[str, str | None]:
         if base:
             return base, ext
     return local, None
+
+
+def host_name() -> str:
+    """This machine's name for the banner, ``Received:`` lines and unqualified addresses: its
+    FQDN when the resolver knows one, else the name it calls itself.  ``getfqdn()`` alone
+    answers ``localhost`` where that name maps only to 127.0.0.1, as /etc/hosts often has it.
+    """
+    own = socket.gethostname()
+    for name in (socket.getfqdn(own), own):
+        if not name or name.lower().split(".")[0] == "localhost":
+            continue
+        try:
+            check_domain(name, utf8=False)
+        except AddressError:
+            continue
+        return name
+    return "localhost"

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from homemail import control_protocol as proto
 from homemail import offline
-from homemail.address import AddressError, check_domain, parse_mailbox
+from homemail.address import AddressError, host_name, parse_mailbox
 from homemail.control_protocol import Code, ProtocolError, Reply
 
 if TYPE_CHECKING:
@@ -1020,13 +1020,7 @@ def xtext(value: str) -> str:
 
 def local_domain() -> str:
     """This host's name for unqualified addresses (``root`` → ``root@HOST``)."""
-    for name in (socket.getfqdn(), socket.gethostname()):
-        try:
-            check_domain(name, utf8=False)
-        except AddressError:
-            continue
-        return name.lower()
-    return "localhost"
+    return host_name().lower()
 
 
 def login_name() -> str:

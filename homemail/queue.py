@@ -111,7 +111,12 @@ _NAMES = frozenset(f.name for f in dataclasses.fields(Envelope))
 
 
 class QueueError(Exception):
-    """The queue could not store or read something; callers treat it as a temporary failure."""
+    """The queue could not store or read something; callers treat it as a temporary failure.
+    ``full``: for want of room on the disk (or in the quota)."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
 
 
 class Queue(ABC):

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -983,7 +984,8 @@ class FsQueue(Queue):
         try:
             await fut
         except OSError as exc:
-            raise QueueError(f"cannot write the queue: {exc.strerror}") from exc
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise QueueError(f"cannot write the queue: {exc.strerror}", full=full) from exc
 
     async def update(self, envelope: Envelope) -> None:
         with self._lock:

@@ -130,6 +130,8 @@ class ServerContext:
         self.total_sessions = 0
         self.notify: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         self.new_msgid: Callable[[], int] = new_msgid  # the daemon's checks the queue
+        # whether the spool's disk has too little room to take a message (the daemon's looks)
+        self.spool_short: Callable[[], bool] = lambda: False
 
     @property
     def sessions(self) -> int:
@@ -474,6 +476,9 @@ class Session(SMTP):
             else:
                 await self.push(f"555 5.5.4 Unsupported MAIL parameter {key}")
                 return
+        if self.ctx.spool_short():
+            await self._refuse("MAIL", "452 4.3.1 Insufficient system storage")
+            return
         try:
             sender = parse_path(path, null_ok=True, utf8=True)
         except AddressError as exc:
@@ -672,6 +677,8 @@ class Session(SMTP):
             await self.ctx.enqueue(message, envelopes)
         except QueueError as exc:
             log.event(self.sid, "smtp", "message-failed", msgid=format_id(msgid), error=str(exc))
+            if exc.full:
+                return "452 4.3.1 Insufficient system storage: the queue is full"
             return "451 4.3.0 Temporary failure: the queue could not store the message"
         self.mails += 1
         log_accepted(self.ctx, self.sid, msgid, message, txn, envelopes, proto, self.uid)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from homemail import __version__, bounce, credentials, log, mda, offline
-from homemail.address import AddressError, parse_mailbox
+from homemail.address import AddressError, host_name, parse_mailbox
 from homemail.aliases import AliasEditError, LocalUser, UserDb, current_user
 from homemail.aliases import add as aliases_add
 from homemail.aliases import remove as aliases_remove
@@ -121,7 +121,7 @@ def secrets_path(config_path: str | None, user_mode: bool) -> str:
 
 
 def local_hostname() -> str:
-    return socket.getfqdn() or socket.gethostname() or "localhost"
+    return host_name()
 
 
 def user_aliases_path() -> str:
@@ -271,6 +271,8 @@ class Daemon:
         self.socket_path = socket_path
         self.user_mode = user_mode
         self.hostname = hostname or local_hostname()
+        self._room = -1  # bytes free on the spool's file system (-1: not known), and when seen
+        self._room_checked = -1e9
         # the system-mode worker runs as the daemon's own user, who gets no mail
         self.users = UserDb(user_mode=user_mode, daemon_uid=None if user_mode else os.geteuid())
         self.queue: Queue = FsQueue(spool)
@@ -314,7 +316,22 @@ class Daemon:
         )
         ctx.notify = self.publish
         ctx.new_msgid = self.queue.new_msgid
+        ctx.spool_short = self.spool_short
         return ctx
+
+    def spool_short(self) -> bool:
+        """Whether the spool's file system has less room than one and a half of the largest
+        message (Postfix's rule), when it was last looked at, at most a second ago."""
+        now = time.monotonic()
+        if now >= self._room_checked + 1.0:
+            self._room_checked = now
+            try:
+                st = os.statvfs(self.spool)
+            except OSError:
+                self._room = -1  # unknown: the commit will tell
+            else:
+                self._room = st.f_bavail * st.f_frsize
+        return 0 <= self._room < self.cfg.max_message_size * 3 // 2
 
     def publish(self, name: str, data: dict[str, object]) -> None:
         self.control.monitor.publish(name, data)
@@ -1199,7 +1216,7 @@ def run_system(args: argparse.Namespace) -> int:
         worker_pid=pid,
         worker_uid=entry.pw_uid,
         spool=spool,
-        hostname=socket.getfqdn() or "localhost",
+        hostname=local_hostname(),
         config_path=args.config,
     )
     parent.reload_listeners = _rebind

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from homemail.address import Address, AddressError, parse_mailbox, parse_path, split_subaddress
+from homemail.address import (
+    Address,
+    AddressError,
+    host_name,
+    parse_mailbox,
+    parse_path,
+    split_subaddress,
+)
 
 
 @pytest.mark.parametrize(
@@ -107,3 +116,19 @@ def test_plain_addresses_round_trip(text):
     if ".." in text.partition("@")[0]:
         return
     assert str(parse_mailbox(text)) == text
+
+
+@pytest.mark.parametrize(
+    ("own", "fqdn", "expected"),
+    [
+        ("vm", "localhost", "vm"),  # /etc/hosts maps the name to 127.0.0.1 only
+        ("box", "box.home.arpa", "box.home.arpa"),
+        ("box", "localhost.localdomain", "box"),
+        ("localhost", "localhost", "localhost"),
+        ("bad_name!", "localhost", "localhost"),
+    ],
+)
+def test_host_name_is_the_fqdn_else_the_machine_name(monkeypatch, own, fqdn, expected):
+    monkeypatch.setattr(socket, "gethostname", lambda: own)
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
+    assert host_name() == expected

@@ -610,8 +610,9 @@ async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(queue_fs.os, "fdatasync", failing_once)
     lost = envelopes()
-    with pytest.raises(QueueError):
+    with pytest.raises(QueueError) as failed:
         await q.commit(b"first\r\n", lost)
+    assert failed.value.full  # SMTP answers 452 4.3.1, not 451 4.3.0
     kept = envelopes()
     await q.commit(b"second\r\n", kept)
     assert q.read_message(kept[0].msgid) == b"second\r\n"
@@ -902,7 +903,7 @@ async def test_a_damaged_index_is_ignored_and_queue_dir_is_read(tmp_path):
         text[: len(text) // 2],  # cut short
         b"\n".join(lines[:2] + lines[3:]),  # a message missing: the count disagrees
         text.replace(b'"homemail-queue-index":2', b'"homemail-queue-index":9'),
-        b"\n".join(lines[:2] + [b"not json"] + lines[2:]),
+        b"\n".join([*lines[:2], b"not json", *lines[2:]]),
         b"not json\n",
     ):
         index.write_bytes(damaged)
@@ -920,7 +921,7 @@ async def test_an_index_of_the_previous_release_is_read(tmp_path, monkeypatch):
     index = tmp_path / "queue" / "index"
     lines = index.read_bytes().split(b"\n")
     assert json.loads(lines[0]) == {"homemail-queue-index": 2}
-    index.write_bytes(b"\n".join([b'{"homemail-queue-index":1,"count":2}'] + lines[1:]))
+    index.write_bytes(b"\n".join([b'{"homemail-queue-index":1,"count":2}', *lines[1:]]))
     read = count_reads(monkeypatch)
     q2, by_id = restart(spool)
     assert read == []

@@ -13,6 +13,7 @@ import pytest
 from homemail.address import parse_mailbox
 from homemail.aliases import UserDb
 from homemail.config import Listener, Location, parse_string
+from homemail.queue import QueueError
 from homemail.ruleset import LOCAL_SOURCE, Ruleset
 from homemail.smtp import Recipient, ServerContext, Session, Transaction, make_envelopes
 
@@ -20,11 +21,15 @@ TIMEOUT = 0.5
 
 
 async def _server(
-    sessions: list[Session] | None = None, timeout: float = TIMEOUT
+    sessions: list[Session] | None = None,
+    timeout: float = TIMEOUT,
+    failure: QueueError | None = None,
 ) -> tuple[asyncio.AbstractServer, int, list[bytes]]:
     received: list[bytes] = []
 
     async def enqueue(message: bytes, envelopes: object) -> None:
+        if failure is not None:
+            raise failure
         received.append(message)
 
     cfg = parse_string(
@@ -129,6 +134,28 @@ async def _dialogue(port: int, commands: list[bytes]) -> list[bytes]:
         replies.append(reply)
     writer.close()
     return replies
+
+
+@pytest.mark.parametrize(
+    ("failure", "reply"),
+    [
+        (QueueError("cannot write the queue: No space left on device", full=True), b"452 4.3.1 "),
+        (QueueError("cannot write the queue: Input/output error"), b"451 4.3.0 "),
+    ],
+)
+async def test_a_message_the_queue_cannot_store_gets_a_temporary_failure(
+    failure: QueueError, reply: bytes
+) -> None:
+    server, port, received = await _server(failure=failure)
+    async with server:
+        replies = await _dialogue(
+            port,
+            [b"HELO client.test", b"MAIL FROM:<a@client.test>", b"RCPT TO:<postmaster>", b"DATA",
+             b"Subject: x\r\n\r\nbody\r\n.", b"QUIT"],
+        )
+    assert replies[5].startswith(reply), replies[5]
+    assert replies[6].startswith(b"221 ")
+    assert received == []
 
 
 async def test_later_sessions_know_the_same_commands_as_the_first(

@@ -6,6 +6,7 @@ a marker message and, once the marker is in the mailbox, checks that the refused
 
 from __future__ import annotations
 
+import os
 import pwd
 import re
 import smtplib
@@ -13,6 +14,7 @@ import smtplib
 import pytest
 
 from .conftest import (
+    DEFAULT_CONFIG,
     ENHANCED,
     LOCAL_RCPT,
     USER,
@@ -461,3 +463,28 @@ def test_rset_clears_the_transaction(session: smtplib.SMTP) -> None:
     code, text = session.docmd("DATA")
     assert code == 503, (code, text)
     mail_ok(session)
+
+
+# -- room on the disk -----------------------------------------------------------------------------
+
+
+def test_mail_is_refused_with_452_when_the_spool_has_no_room_for_a_message(daemon: Daemon) -> None:
+    """Postfix's rule: less room on the spool's file system than 1.5 times the largest message
+    allowed (so no message is taken that could not be stored)."""
+    daemon.spool.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(daemon.spool)
+    room = st.f_bavail * st.f_frsize
+    limit_g = room // (1 << 30) + 1  # one message this large fits, one and a half do not
+    assert limit_g <= 1024, f"this file system has too much room for the test: {room} bytes"
+    daemon.start(DEFAULT_CONFIG + f"smtp max-message-size {limit_g}G\n")
+    with daemon.smtp() as s:
+        s.ehlo()
+        expect(s.docmd("MAIL", "FROM:<alice@example.org>"), 452, "4.3.1")
+        expect(s.docmd("MAIL", "FROM:<alice@example.org> SIZE=100"), 452, "4.3.1")
+    daemon.wait_for_log(r"smtp failed-command command=MAIL result=\"?452 4\.3\.1")
+    daemon.write_config(DEFAULT_CONFIG)  # with room for the largest message: taken again
+    daemon.hup()
+    daemon.wait_for_log(r"smtpd reloaded")
+    with daemon.smtp() as s:
+        s.ehlo()
+        expect(s.docmd("MAIL", "FROM:<alice@example.org>"), 250, "2.1.0")
