@@ -41,20 +41,26 @@ seconds for 100,000 envelopes, and more on a cold cache.  So ``queue/index`` say
 holds, one JSON line each: a header, then ``{"msgid", "envelopes"}`` for a message and its
 envelopes, ``{"u": envelope}`` for an envelope's new state, ``{"d": evpid}`` for one done.  A
 change to a message already in ``queue/`` is appended before the change is made, and a message
-copied there is appended once it is in place (until then its segment keeps it), so after a crash
-of the process the index is never behind ``queue/``.  Its lines are not synced: after a power
-loss it may miss the last ones, as the journal may miss its last ``U`` and ``D`` records, and the
-start copes the same way (an attempt is repeated; nothing is lost).
+copied there is appended once it is in place, while its segment still holds it; the lines are
+synced before that segment is released.  So after a crash of the process the index is never
+behind ``queue/``, and after a power loss it lacks at most the last changes to messages still
+there, which costs what losing the journal's unsynced ``U`` and ``D`` records costs (an attempt
+repeated, an earlier retry), never a message.
 
-- A clean stop rewrites it whole, ending with ``{"end": count}``; a start that finds it so, with
-  nothing appended after, trusts it and reads nothing else of ``queue/``.
+- A clean stop rewrites it whole, ending with ``{"end": count}``; a start that finds it so
+  trusts it and reads nothing else of ``queue/``.  Before the first change to ``queue/`` after
+  that (at the next run, or a delivery that outlived the stop) the end line is cut off and the
+  cut synced, so no crash or power loss leaves an index that looks clean and is not.
 - Otherwise (a crash) the start lists the bucket directories only, while the daemon serves: a
   message directory the index knows with envelopes is taken from it, one whose envelopes it saw
-  all done is removed, any other is read as without an index (so a line lost or never written
-  costs a read, never a message), and what the index knows but is gone from the disk is dropped.
-  No index at all, or one that does not read, means that walk for everything.
+  all done is removed, any other is read as without an index (a line never written costs a
+  read, never a message), and what the index knows but is gone from the disk is dropped.  A
+  line cut short at its end is cut off before anything is appended.  No index at all, or one
+  that does not read, means that walk for everything.
 - After such a walk, and when the appended lines outnumber twice the envelopes, the index is
   rewritten whole, in a thread of its own (the lines appended meanwhile are carried over).
+- An index that cannot be written (a full disk) is removed, durably, and the queue runs without
+  one until the next start.
 """
 
 from __future__ import annotations
@@ -103,9 +109,7 @@ def write_file_synced(path: str, data: bytes) -> None:
     """Write a new file (no symlink followed) and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -226,6 +230,8 @@ class FsQueue(Queue):
         # queue/index: appended to under _lock; rewritten whole under _index_write_lock
         self._index_fd = -1
         self._index_size = 0
+        self._index_clean_end = -1  # where a clean stop's end line starts, while it is there
+        self._index_dirty = False  # lines appended since the last sync
         self._index_appended = 0  # lines since it was last written whole
         self._index_write_lock = threading.Lock()
         self._compacting = False
@@ -273,7 +279,7 @@ class FsQueue(Queue):
         index = self._read_index() if self._index_ends_clean() else None
         if index is not None and index.clean:  # a clean stop's: queue/ is what it says
             found = [(msgid, list(envs.values())) for msgid, envs in index.entries.items() if envs]
-            self._open_index(rewrite=False)
+            self._open_index(rewrite=False, clean=True)
         else:  # scan() reads the index, if any, and walks queue/ for the rest
             self._scanning = True
             self._open_index(rewrite=not os.path.exists(self._index_path()))
@@ -354,7 +360,7 @@ class FsQueue(Queue):
             with open(self._index_path(), "rb") as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
                 tail = f.read()
-        except FileNotFoundError:
+        except OSError:
             return False
         return tail.endswith(b"}\n") and b'{"end":' in tail.rsplit(b"\n", 2)[-2]
 
@@ -364,6 +370,9 @@ class FsQueue(Queue):
             with open(self._index_path(), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error(f"queue: cannot read {self._index_path()}: {exc}; reading queue/")
             return None
         lines = data.split(b"\n")
         torn = lines.pop() != b""  # an append cut short by a crash: the rest is good
@@ -398,33 +407,79 @@ class FsQueue(Queue):
         clean = not torn and not changes and end == messages == head.get("count", messages)
         return _Index(entries, clean, changes)
 
-    def _open_index(self, *, rewrite: bool) -> None:
-        """Open queue/index for appending; a new one (header only) if ``rewrite``."""
+    def _open_index(self, *, rewrite: bool, clean: bool = False) -> None:
+        """Open queue/index for appending: a new one (header only) if ``rewrite``; else the
+        one there, cut back to its last whole line (lines appended after a torn one would
+        not read), noting where its end line starts if ``clean``.  Without one that can be
+        written the queue runs without an index (a start after a crash reads queue/)."""
         path = self._index_path()
-        if rewrite:
-            header = json.dumps({"homemail-queue-index": INDEX_VERSION}).encode() + b"\n"
-            atomic_write(path, header)
+        try:
+            if rewrite:
+                header = json.dumps({"homemail-queue-index": INDEX_VERSION}).encode() + b"\n"
+                atomic_write(path, header)
+                fsync_dir(self.queue_dir)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            log.error(f"queue: cannot write {path}: {exc}; running without it")
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                fsync_dir(self.queue_dir)
+            return
+        self._index_fd = fd
+        try:
+            size = os.fstat(fd).st_size
+            whole = _after_last_line(fd, size)
+            if whole != size:
+                os.ftruncate(fd, whole)
+                os.fdatasync(fd)
+            self._index_size = whole
+            if clean:
+                self._index_clean_end = _after_last_line(fd, whole - 1)
+        except OSError as exc:
+            self._drop_index(exc)
+
+    def _drop_index(self, exc: OSError) -> None:
+        """An index that cannot be kept up to date would be trusted wrongly after a crash:
+        it is removed, durably (lock held, or not yet shared)."""
+        log.error(f"queue: cannot write {self._index_path()}: {exc}; removing it")
+        with contextlib.suppress(OSError):
+            os.close(self._index_fd)
+        self._index_fd = -1
+        self._index_clean_end = -1
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._index_path())
             fsync_dir(self.queue_dir)
-        self._index_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
-        self._index_size = os.fstat(self._index_fd).st_size
+        except OSError as again:
+            log.error(f"queue: cannot remove {self._index_path()}: {again}")
+
+    def _index_unclean(self) -> None:
+        """Before the first change to queue/ after a clean stop's index: its end line is
+        cut off, durably, so that no crash from here on leaves an index that looks clean."""
+        if self._index_fd < 0 or self._index_clean_end < 0:
+            return
+        try:
+            os.ftruncate(self._index_fd, self._index_clean_end)
+            os.fdatasync(self._index_fd)
+        except OSError as exc:
+            self._drop_index(exc)
+            return
+        self._index_size = self._index_clean_end
+        self._index_clean_end = -1
 
     def _index_append(self, item: dict[str, Any]) -> None:
-        """Record a change to queue/ (lock held), before it is made.  An index that missed
-        one would be trusted wrongly after a crash, so one that cannot be written is removed."""
+        """Record a change to queue/ (lock held), before it is made."""
+        self._index_unclean()
         if self._index_fd < 0:
             return
         line = json.dumps(item, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
         try:
-            if os.write(self._index_fd, line) != len(line):
-                raise OSError(28, "short write")
+            _write_all(self._index_fd, line)
         except OSError as exc:
-            log.error(f"queue: cannot append to {self._index_path()}: {exc}; removing it")
-            os.close(self._index_fd)
-            self._index_fd = -1
-            with contextlib.suppress(OSError):
-                os.unlink(self._index_path())
+            self._drop_index(exc)
             return
         self._index_size += len(line)
+        self._index_dirty = True
         self._index_appended += 1
         if (
             self._index_appended > max(COMPACT_MIN, 2 * len(self._files))
@@ -434,6 +489,19 @@ class FsQueue(Queue):
         ):
             self._compacting = True
             threading.Thread(target=self._compact_index, name="queue-index", daemon=True).start()
+
+    def _index_sync(self) -> None:
+        """Before a segment is released (lock held): the lines of the messages copied out of
+        it are synced, so that the index never lacks a message the journal no longer has
+        (a line lost with a power loss would cost a read; after a message id came back, a
+        done message's lines would speak for the new one)."""
+        if self._index_fd < 0 or not self._index_dirty:
+            return
+        try:
+            os.fdatasync(self._index_fd)
+        except OSError as exc:
+            self._drop_index(exc)
+        self._index_dirty = False
 
     def _index_items(self) -> list[tuple[int, list[Envelope]]] | None:
         """queue/'s messages and their envelopes (lock held); None if one is not known."""
@@ -462,7 +530,9 @@ class FsQueue(Queue):
     def _compact_index(self) -> None:
         """Rewrite the index whole while the daemon runs (not on the loop's thread): the
         snapshot is written and synced unlocked, then the lines appended meanwhile are copied
-        after it and it is renamed into place, locked."""
+        after it, synced, and it is renamed into place, locked.  After a failure, or with
+        nothing to do, the next try waits for as many lines again."""
+        done = False
         try:
             with self._index_write_lock:
                 with self._lock:
@@ -481,33 +551,39 @@ class FsQueue(Queue):
                     if self._index_fd < 0:  # removed meanwhile (an append failed)
                         os.unlink(tmp)
                         return
+                    self._index_clean_end = -1  # (a snapshot has no end line)
                     with open(path, "rb") as f:
                         f.seek(mark)
                         tail = f.read()
-                    fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
                     try:
-                        if tail:
-                            os.write(fd, tail)
+                        _write_all(fd, tail)
+                        os.fdatasync(fd)
                         os.rename(tmp, path)
+                        fsync_dir(self.queue_dir)
                     except BaseException:
                         os.close(fd)
                         raise
                     os.close(self._index_fd)
                     self._index_fd = fd
                     self._index_size = len(data) + len(tail)
+                    self._index_dirty = False
                     self._index_appended = tail.count(b"\n")
-                fsync_dir(self.queue_dir)
+                    done = True
         except OSError as exc:  # the index as it was stays good: lines are still appended
             log.error(f"queue: cannot rewrite {self._index_path()}: {exc}")
         finally:
+            if not done:
+                with self._lock:
+                    self._index_appended = 0
             self._compacting = False
 
     def _write_index(self) -> None:
         """At a clean stop: the index rewritten whole, with its end line, for a fast start.
 
         A change to queue/ that still comes after it (a delivery outliving the stop's wait)
-        is appended after the end line, and the next start then checks queue/ (so the file
-        stays open until the process exits).
+        first cuts the end line off (see :meth:`_index_unclean`), so the next start lists
+        queue/ (the file stays open until the process exits).
         """
         if self._scanning:  # queue/ was not walked to the end: the index as it is stays
             return
@@ -515,12 +591,14 @@ class FsQueue(Queue):
             items = self._index_items()
             if items is None or self._index_fd < 0:
                 return  # not known here: the next start reads queue/ itself
-            atomic_write(self._index_path(), self._index_lines(items, end=True))
-            fsync_dir(self.queue_dir)
-            os.close(self._index_fd)
+            data = self._index_lines(items, end=True)
+            atomic_write(self._index_path(), data)
+            os.close(self._index_fd)  # the file renamed over: appends go to the new one
             self._index_fd = -1
-            self._open_index(rewrite=False)
+            self._open_index(rewrite=False, clean=True)
+            self._index_dirty = False
             self._index_appended = 0
+            fsync_dir(self.queue_dir)
 
     def _replay(self, seg: _Segment) -> None:
         """Apply a segment's records.  A record cut short ends the segment (a torn tail: it
@@ -834,6 +912,8 @@ class FsQueue(Queue):
                             self._copy_failed.pop(msgid, None)
                     if waiting:
                         return False  # this segment stays; a later pass tries again
+                with self._lock:  # what was copied out of it is in the index for good
+                    self._index_sync()
                 if oldest.corrupt:  # kept for whoever looks into what it lost
                     os.replace(oldest.path, oldest.path + ".corrupt")
                 else:
@@ -874,6 +954,8 @@ class FsQueue(Queue):
             fsync_dir(self.queue_dir)
         if os.path.lexists(final):  # an earlier copy renamed, then not synced: this one wins
             shutil.rmtree(final)
+        with self._lock:  # queue/ changes: a clean stop's index no longer says what it holds
+            self._index_unclean()
         os.rename(tmpdir, final)
         try:
             fsync_dir(os.path.dirname(final))
@@ -1081,6 +1163,25 @@ class FsQueue(Queue):
         if self._spool_lock >= 0:
             os.close(self._spool_lock)
             self._spool_lock = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _after_last_line(fd: int, end: int) -> int:
+    """The offset just past the last newline before ``end`` (0 if there is none)."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - 65536)
+        chunk = os.pread(fd, pos - start, start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        pos = start
+    return 0
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:

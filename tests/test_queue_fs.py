@@ -856,31 +856,33 @@ async def test_an_index_that_cannot_be_appended_to_is_removed(tmp_path, monkeypa
 async def test_the_index_is_rewritten_whole_as_it_grows(tmp_path, monkeypatch):
     from homemail import queue_fs
 
-    monkeypatch.setattr(queue_fs, "COMPACT_MIN", 5)
     spool = str(tmp_path)
     q, made = await materialized_queue(spool, 3)
     index = tmp_path / "queue" / "index"
     target = made[0][0]
+    for n in range(1, 12):
+        target.retry = n
+        await q.update(target)
+    grown = len(index.read_bytes().splitlines())
     during = made[2][1]
     real_write = queue_fs.write_file_synced
 
     def changed_meanwhile(path: str, data: bytes) -> None:
         real_write(path, data)
-        if path.endswith("index.tmp") and not during.paused:
+        if path.endswith("index.tmp"):
             during.paused = True  # a change while the rewrite is being written
             q._update_file(during)
 
     monkeypatch.setattr(queue_fs, "write_file_synced", changed_meanwhile)
-    for n in range(1, 12):
-        target.retry = n
-        await q.update(target)
-    deadline = time.time() + 10
-    while time.time() < deadline and (q._compacting or not during.paused):
-        await asyncio.sleep(0.02)
+    rewrite = threading.Thread(target=q._compact_index)
+    rewrite.start()
+    await asyncio.to_thread(rewrite.join, 10)
     lines = index.read_bytes().splitlines()
-    assert during.paused
-    assert len(lines) < 12, "the index was not rewritten"
-    assert lines[-1] == b'{"u":%s}' % during.dumps()  # the change made meanwhile, carried over
+    assert grown > 11
+    # the header, one line a message, and the change made meanwhile: the 11 others folded in
+    assert len(lines) == 1 + on_disk(spool) + 1, lines
+    assert sum(b'"msgid":' in line for line in lines) == on_disk(spool)
+    assert b'{"u":%s}' % during.dumps() in lines  # the change made meanwhile, carried over
     await crash(q)
     monkeypatch.undo()
     read = count_reads(monkeypatch)
@@ -889,6 +891,27 @@ async def test_the_index_is_rewritten_whole_as_it_grows(tmp_path, monkeypatch):
     assert by_id[target.evpid].retry == 11
     assert by_id[during.evpid].paused is True
     assert {e.evpid for envs in made for e in envs} <= set(by_id)
+    await q2.close()
+
+
+async def test_a_rewrite_is_started_once_the_index_has_grown(tmp_path, monkeypatch):
+    from homemail import queue_fs
+
+    monkeypatch.setattr(queue_fs, "COMPACT_MIN", 5)
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 2)
+    index = tmp_path / "queue" / "index"
+    target = made[0][0]
+    for n in range(1, 40):
+        target.retry = n
+        await q.update(target)
+    deadline = time.time() + 10
+    while time.time() < deadline and (q._compacting or len(index.read_bytes().splitlines()) > 20):
+        await asyncio.sleep(0.02)
+    assert len(index.read_bytes().splitlines()) <= 20  # not 40 lines and more
+    await crash(q)
+    q2, by_id = restart(spool)
+    assert by_id[target.evpid].retry == 39
     await q2.close()
 
 
@@ -921,11 +944,15 @@ async def test_an_index_of_the_previous_release_is_read(tmp_path, monkeypatch):
     index = tmp_path / "queue" / "index"
     lines = index.read_bytes().split(b"\n")
     assert json.loads(lines[0]) == {"homemail-queue-index": 2}
-    index.write_bytes(b"\n".join([b'{"homemail-queue-index":1,"count":2}', *lines[1:]]))
+    count = len(lines) - 3  # header, messages, end line, and the empty rest
+    head = b'{"homemail-queue-index":1,"count":%d}' % count
+    index.write_bytes(b"\n".join([head, *lines[1:]]))
     read = count_reads(monkeypatch)
-    q2, by_id = restart(spool)
+    q2 = FsQueue(spool, materialize_after=3600)
+    loaded = {e.evpid for e in q2.start()}
+    assert q2.complete(), "a clean stop's index of the previous release is read as such"
     assert read == []
-    assert {e.evpid for envs in made for e in envs} <= set(by_id)
+    assert {e.evpid for envs in made for e in envs} <= loaded
     await q2.close()
 
 
@@ -987,9 +1014,10 @@ async def test_after_a_crash_start_returns_the_journal_and_scan_the_rest(tmp_pat
     assert all(e.recovered for e in rest)
     assert q2.read_message(made[3][0].msgid) == b"Subject: 3\r\n\r\nbody\r\n"
     assert q2.walk_reads == (0 if index == "kept" else dirs)
-    await crash(q2)  # the walk's end rewrote the index: it knows every message now
-    text = (tmp_path / "queue" / "index").read_bytes()
-    assert all(b'"msgid":%d,' % envs[0].msgid in text for envs in made)
+    if index == "lost":  # the walk's end wrote the index anew: it knows every message now
+        text = (tmp_path / "queue" / "index").read_bytes()
+        assert all(b'"msgid":%d,' % envs[0].msgid in text for envs in made)
+    await crash(q2)
 
 
 @pytest.mark.parametrize("index", ["kept", "lost"])
@@ -1042,3 +1070,187 @@ async def test_a_message_moved_before_a_crash_is_taken_from_queue_dir_once(tmp_p
         assert {e.evpid for envs in made for e in envs} <= set(ids)
         assert {e.evpid: e.retry for e in again}[made[0][0].evpid] == 7
     await q.close()
+
+
+# -- an index that looks clean must be one -------------------------------------------------------
+
+
+async def clean_start(spool: str, **kw: float) -> tuple[FsQueue, dict[int, Envelope]]:
+    q = FsQueue(spool, **kw)  # type: ignore[arg-type]
+    by_id = {e.evpid: e for e in q.start()}
+    assert q.complete(), "the start did not take the clean stop's index"
+    return q, by_id
+
+
+async def test_a_message_copied_after_a_clean_start_is_found_after_a_crash(tmp_path, monkeypatch):
+    """The copy is renamed into queue/, then the crash comes before its index line."""
+    spool = str(tmp_path)
+    q, _ = await materialized_queue(spool, 2)
+    await q.close()
+    q, _ = await clean_start(spool, segment_max_age=0.0, materialize_after=0.0)
+    real_append = FsQueue._index_append
+
+    def crash_before_the_line(self: FsQueue, item: dict[str, object]) -> None:
+        if "envelopes" not in item:
+            real_append(self, item)
+
+    monkeypatch.setattr(FsQueue, "_index_append", crash_before_the_line)
+    late = envelopes()
+    await q.commit(b"late\r\n", late)
+    await q.commit(b"rotate\r\n", envelopes())
+    late_dir = Path(spool, "queue", format_id(late[0].msgid)[:2], format_id(late[0].msgid))
+    deadline = time.time() + 10
+    while time.time() < deadline and not (late_dir / "message").exists():
+        await asyncio.sleep(0.02)
+    assert (late_dir / "message").exists()
+    await crash(q)
+    assert not ends_clean(tmp_path / "queue" / "index")
+    monkeypatch.undo()
+    q2, by_id = restart(spool)
+    assert late[0].evpid in by_id
+    assert q2.read_message(late[0].msgid) == b"late\r\n"
+    await q2.close()
+
+
+async def test_the_end_line_is_cut_off_durably_before_queue_dir_changes(tmp_path, monkeypatch):
+    from homemail import queue_fs
+
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 2)
+    await q.close()
+    index = tmp_path / "queue" / "index"
+    clean_size = index.stat().st_size
+    q, by_id = await clean_start(spool, materialize_after=3600)
+    events: list[str] = []
+    real_sync, real_write = queue_fs.os.fdatasync, queue_fs.atomic_write
+
+    def sync(fd: int) -> None:
+        if fd == q._index_fd:
+            events.append(f"index synced at {os.fstat(fd).st_size}")
+        real_sync(fd)
+
+    def write(path: str, data: bytes) -> None:
+        events.append(f"write {os.path.basename(path)}")
+        real_write(path, data)
+
+    monkeypatch.setattr(queue_fs.os, "fdatasync", sync)
+    monkeypatch.setattr(queue_fs, "atomic_write", write)
+    target = by_id[made[0][0].evpid]
+    target.retry = 5
+    await q.update(target)
+    end_line = len(b'{"end":%d}\n' % (len(index.read_bytes().split(b"\n")) - 4))
+    assert events[:2] == [
+        f"index synced at {clean_size - end_line}",
+        f"write {format_id(target.evpid)}.json",
+    ]
+    monkeypatch.undo()
+    await crash(q)
+    q2, again = restart(spool)
+    assert again[target.evpid].retry == 5
+    await q2.close()
+
+
+async def test_a_segment_goes_only_once_the_lines_of_its_copies_are_synced(tmp_path, monkeypatch):
+    from homemail import queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool, segment_max_age=0.0, materialize_after=0.0)
+    q.load()
+    events: list[str] = []
+    real_sync, real_unlink = queue_fs.os.fdatasync, queue_fs.os.unlink
+
+    def sync(fd: int) -> None:
+        if fd == q._index_fd:
+            events.append("index synced")
+        real_sync(fd)
+
+    def unlink(path: str, *args: object, **kw: object) -> None:
+        if str(path).endswith(".log"):
+            events.append("segment released")
+        real_unlink(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queue_fs.os, "fdatasync", sync)
+    monkeypatch.setattr(queue_fs.os, "unlink", unlink)
+    made = envelopes()
+    await q.commit(b"x\r\n", made)
+    await q.commit(b"rotate\r\n", envelopes())
+    deadline = time.time() + 10
+    while time.time() < deadline and "segment released" not in events:
+        await asyncio.sleep(0.02)
+    monkeypatch.undo()
+    assert "segment released" in events
+    assert events.index("index synced") < events.index("segment released")
+    await q.close()
+
+
+async def test_a_torn_line_is_cut_off_before_anything_is_appended(tmp_path, monkeypatch):
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 2)
+    await crash(q)
+    index = tmp_path / "queue" / "index"
+    with open(index, "ab") as f:
+        f.write(b'{"u":{"evpid":')  # the append a power loss cut
+    q2, by_id = restart(spool)
+    target = by_id[made[0][0].evpid]
+    target.retry = 2
+    await q2.update(target)
+    await crash(q2)
+    read = count_reads(monkeypatch)
+    q3, again = restart(spool)
+    assert read == [], "the index did not read: every message was read instead"
+    assert again[target.evpid].retry == 2
+    await q3.close()
+
+
+async def test_a_start_with_no_room_for_an_index_runs_without_one(tmp_path, monkeypatch):
+    from homemail import queue_fs
+
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 2)
+    await crash_without_index(q, spool)
+
+    def no_room(path: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(queue_fs, "atomic_write", no_room)
+    q2, by_id = restart(spool)
+    assert {e.evpid for envs in made for e in envs} <= set(by_id)
+    monkeypatch.undo()
+    extra = envelopes()
+    await q2.commit(b"still taken\r\n", extra)
+    await q2.remove(by_id[made[0][0].evpid])
+    await crash(q2)
+    assert not (tmp_path / "queue" / "index").exists()
+    q3, again = restart(spool)
+    assert extra[0].evpid in again
+    assert made[0][0].evpid not in again
+    await q3.close()
+
+
+async def test_a_rewrite_that_cannot_be_done_is_not_tried_again_at_every_line(
+    tmp_path, monkeypatch
+):
+    from homemail import queue_fs
+
+    monkeypatch.setattr(queue_fs, "COMPACT_MIN", 5)
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 2)
+    tries: list[float] = []
+
+    def counted(items: object, *, end: bool) -> bytes:
+        tries.append(time.monotonic())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FsQueue, "_index_lines", staticmethod(counted))
+    target = made[0][0]
+    for n in range(1, 61):
+        target.retry = n
+        await q.update(target)
+        await asyncio.sleep(0.005)  # the rewrite's thread has time to fail
+    threshold = max(5, 2 * len(q._files))
+    assert 1 <= len(tries) <= 60 // threshold + 1, len(tries)
+    monkeypatch.undo()
+    await crash(q)
+    q2, by_id = restart(spool)
+    assert by_id[target.evpid].retry == 60  # the lines kept being appended meanwhile
+    await q2.close()
