@@ -5,6 +5,16 @@ the daemon reads. It parses OpenSMTPD's smtpd.conf(5) grammar (the part homemail
 refuses the rest clearly, and reports every error as ``FILE:LINE:COL: error: MESSAGE near
 'TOKEN'`` with a hint where one helps. ``dump`` writes a ``Config`` back as grammar text.
 
+Errors: as ``smtpd -n`` does, one reading reports them all (``ConfigErrors``, or a plain
+``ConfigError`` for one), in reading order, up to ``MAX_ERRORS``.  A statement that fails is
+recorded and reading goes on with the next one; a quoted string that is not closed, or a control
+character, ends its statement at the end of its line (inside ``{ … }`` too, so the lines after
+it are read as statements of their own).  What depends on a failed statement is not reported
+again: the uses of a table, action or macro whose declaration failed, and the references inside
+a failed statement.  A name used but declared nowhere (or, for a macro, not yet) is reported
+once, at its first use; when an ``include`` could not be read, such names are not reported at
+all (it may declare them).  ``check_listeners`` runs on a configuration that parsed.
+
 File format (UTF-8), read top to bottom, one statement a line:
 
 - ``#`` starts a comment outside double quotes. A ``\\`` at the end of a line joins the next
@@ -43,6 +53,7 @@ two configurations compare equal when they mean the same thing.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import os
@@ -61,6 +72,7 @@ __all__ = [
     "Action",
     "Config",
     "ConfigError",
+    "ConfigErrors",
     "ConfigWarning",
     "Listener",
     "Location",
@@ -80,6 +92,7 @@ MAX_INCLUDE_DEPTH = 32
 MAX_DURATION = 3650 * 86400
 MAX_SIZE = 1024**4
 MAX_COUNT = 2**31 - 1
+MAX_ERRORS = 50  # reported in one run; a file that is not a configuration at all stops there
 
 
 # --- the public types -------------------------------------------------------------------------
@@ -136,6 +149,30 @@ class ConfigError(Exception):
         if self.hint:
             text += f"\n  hint: {_printable(self.hint)}"
         return text
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        """Every error found (see ``ConfigErrors``); this one alone."""
+        return [self]
+
+
+class ConfigErrors(ConfigError):
+    """Several errors, in the order the configuration is read; ``str()`` has one a line (each
+    followed by its hint, if any).  The message, location, token and hint are the first's, so
+    that code which expects one error still reads a true one."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.message, first.location, first.token, first.hint)
+        self.args = (list(errors),)
+        self._errors = list(errors)
+
+    def __str__(self) -> str:
+        return "\n".join(str(err) for err in self._errors)
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        return list(self._errors)
 
 
 @dataclass(frozen=True)
@@ -356,14 +393,21 @@ def _is_control(char: str) -> bool:
     return code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0
 
 
-def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location]]:
-    """Yield each statement's tokens and the location of its end."""
+def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location, ConfigError | None]]:
+    """Yield each statement's tokens, the location of its end, and the error that makes it
+    unreadable (or None).  After such an error the rest of its line is skipped and the
+    statement ends there, even inside ``{ … }``: the next line is read as a new statement."""
     i = 0
     line = 1
     col = 1
     n = len(text)
     tokens: list[_Token] = []
     depth = 0
+    error: ConfigError | None = None
+
+    def to_newline(start: int) -> int:
+        end = text.find("\n", start)
+        return n if end < 0 else end
 
     def blank_to_newline(start: int) -> int:
         """Index of the newline if only blanks lie between start and it, else -1."""
@@ -379,8 +423,9 @@ def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location]]:
         if c == "\n":
             i += 1
             if depth == 0:
-                yield tokens, Location(file, line, col)
+                yield tokens, Location(file, line, col), error
                 tokens = []
+                error = None
             line += 1
             col = 1
             continue
@@ -406,13 +451,14 @@ def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location]]:
             chars: list[str] = []
             while True:
                 if i >= n or text[i] == "\n":
-                    raise ConfigError(
+                    error = error or ConfigError(
                         "unterminated quoted string",
                         start,
                         '"' + "".join(chars),
                         "close the quote on the same line, or end the line with '\\' "
                         "to continue it",
                     )
+                    break
                 ch = text[i]
                 if ch == '"':
                     i += 1
@@ -429,15 +475,20 @@ def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location]]:
                     col = 1
                     continue
                 if _is_control(ch) and ch != "\t":
-                    raise ConfigError(
+                    error = error or ConfigError(
                         f"control character U+{ord(ch):04X} in a quoted string",
                         Location(file, line, col),
                         None,
                         "remove it; write text only",
                     )
+                    break
                 chars.append(ch)
                 i += 1
                 col += 1
+            if error is not None:  # the rest of the line cannot be read: the statement ends
+                i = to_newline(i)
+                depth = 0
+                continue
             tokens.append(_Token("string", "".join(chars), start))
             continue
         if c in _PUNCT:
@@ -450,9 +501,12 @@ def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location]]:
             col += 1
             continue
         if _is_control(c):
-            raise ConfigError(
+            error = error or ConfigError(
                 f"unexpected control character U+{ord(c):04X}", start, None, "remove it"
             )
+            i = to_newline(i)
+            depth = 0
+            continue
         j = i
         while j < n:
             ch = text[j]
@@ -464,8 +518,8 @@ def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location]]:
         tokens.append(_Token("word", text[i:j], start))
         col += j - i
         i = j
-    if tokens:
-        yield tokens, Location(file, line, col)
+    if tokens or error is not None:
+        yield tokens, Location(file, line, col), error
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -631,6 +685,16 @@ class _Ref:
     tok: _Token
     kind: Literal["table", "action"]
     role: str
+    seq: int  # the statement it is in, in reading order
+
+
+class _Consequence(ConfigError):
+    """A statement that fails only because of an error already reported (a macro whose
+    definition failed): it is dropped without a second message."""
+
+
+class _TooManyErrors(Exception):
+    """MAX_ERRORS were found: reading stops."""
 
 
 class _Parser:
@@ -647,6 +711,13 @@ class _Parser:
         self.globals_at: dict[str, Location] = {}
         self.warnings: list[ConfigWarning] = []
         self.stack: list[str] = []
+        # every error, with the number of its statement in reading order (references are
+        # checked at the end, and reported in the place of the statement they are in)
+        self.errors: list[tuple[int, ConfigError]] = []
+        self.seq = 0
+        # names whose declaration failed: their uses are not errors of their own
+        self.failed: dict[str, set[str]] = {"table": set(), "action": set(), "macro": set()}
+        self.incomplete = False  # an include could not be read: any name may be declared there
         self.queue_ttl = 4 * 86400
         self.bounce_warn_interval = [4 * 3600]
         self.max_message_size = 35 * 1024 * 1024
@@ -657,12 +728,47 @@ class _Parser:
     # files and statements
 
     def parse_text(self, text: str, file: str, real: str) -> None:
+        """Read every statement; one that fails is recorded and reading goes on with the next."""
         self.stack.append(real)
         base = os.path.dirname(real) if real else _cwd()
-        for tokens, end in _lex(text, file):
-            if tokens:
+        for tokens, end, error in _lex(text, file):
+            if not tokens and error is None:
+                continue
+            self.seq += 1
+            seq, refs = self.seq, len(self.refs)
+            try:
+                if error is not None:
+                    raise error
                 self.statement(tokens, end, base)
+            except ConfigError as err:
+                del self.refs[refs:]  # what a failed statement refers to is not checked
+                self.declaration_failed(tokens)
+                self.fail(seq, err)
         self.stack.pop()
+
+    def fail(self, seq: int, err: ConfigError) -> None:
+        if isinstance(err, _Consequence):
+            return
+        self.errors.append((seq, err))
+        if len(self.errors) >= MAX_ERRORS:
+            raise _TooManyErrors
+
+    def declaration_failed(self, tokens: list[_Token]) -> None:
+        """Remember the name a failed table, action or macro statement declares."""
+        if len(tokens) >= 2 and tokens[0].kind == "word" and tokens[1].punct("="):
+            if _MACRO_NAME.match(tokens[0].text) and tokens[0].text not in KEYWORDS:
+                self.macros.pop(tokens[0].text, None)
+                self.failed["macro"].add(tokens[0].text)
+            return
+        if len(tokens) < 2 or not tokens[0].word("table", "action"):
+            return
+        name: str | None = tokens[1].text
+        if tokens[1].kind == "punct":
+            return
+        if tokens[1].kind == "word" and tokens[1].text.startswith("$"):
+            name = self.macros.get(tokens[1].text[1:])
+        if name is not None:
+            self.failed[tokens[0].text].add(name)
 
     def statement(self, raw: list[_Token], end: Location, base: str) -> None:
         if len(raw) >= 2 and raw[0].kind == "word" and raw[1].punct("="):
@@ -737,7 +843,10 @@ class _Parser:
             name = tok.text[1:]
             if not _MACRO_NAME.match(name):
                 raise _error(tok, "invalid macro reference", "quote the text to use a literal '$'")
+            if name not in self.macros and (name in self.failed["macro"] or self.incomplete):
+                raise _Consequence(f"macro '{name}' is not defined", tok.loc, tok.text)
             if name not in self.macros:
+                self.failed["macro"].add(name)  # reported here, at its first use only
                 close = difflib.get_close_matches(name, sorted(self.macros), n=1)
                 hint = (
                     f"did you mean '${close[0]}'?"
@@ -746,11 +855,10 @@ class _Parser:
                     "a literal '$'"
                 )
                 raise _error(tok, f"undefined macro '${name}'", hint)
-            try:
-                for part, _ in _lex(self.macros[name], tok.loc.file):
-                    out.extend(_Token(p.kind, p.text, tok.loc) for p in part)
-            except ConfigError as err:
-                raise _error(tok, f"in the value of macro '{name}': {err.message}") from None
+            for part, _, error in _lex(self.macros[name], tok.loc.file):
+                if error is not None:
+                    raise _error(tok, f"in the value of macro '{name}': {error.message}")
+                out.extend(_Token(p.kind, p.text, tok.loc) for p in part)
         return out
 
     def include(self, cur: _Cursor, base: str) -> None:
@@ -769,7 +877,11 @@ class _Parser:
             raise _error(path_tok, f"include loop: {chain}", "remove one of the includes")
         if len(self.stack) >= MAX_INCLUDE_DEPTH:
             raise _error(path_tok, f"includes nested more than {MAX_INCLUDE_DEPTH} deep")
-        text = _read_config(full, path_tok)
+        try:
+            text = _read_config(full, path_tok)
+        except ConfigError:
+            self.incomplete = True
+            raise
         self.parse_text(text, full, real)
 
     # table
@@ -1034,7 +1146,7 @@ class _Parser:
         close = cur.need("'>' after the table name", example)
         if not close.punct(">"):
             raise _error(close, "expected '>' after the table name", example)
-        self.refs.append(_Ref(name_tok, "table", role))
+        self.refs.append(_Ref(name_tok, "table", role, self.seq))
         return name
 
     # match
@@ -1123,7 +1235,7 @@ class _Parser:
             elif tok.word("action"):
                 name_tok = cur.need("an action name after 'action'", 'action "local"')
                 action = _name(name_tok, "an action name")
-                self.refs.append(_Ref(name_tok, "action", "match"))
+                self.refs.append(_Ref(name_tok, "action", "match", self.seq))
             elif tok.word("reject"):
                 reject = True
             elif tok.word(*_MATCH_REFUSED):
@@ -1276,25 +1388,37 @@ class _Parser:
     # the end
 
     def check_refs(self) -> None:
+        """Check every reference; a name that is unknown is reported once, at its first use,
+        and not at all when its declaration failed (that error says it all)."""
+        unknown: set[tuple[str, str]] = set()
         for ref in self.refs:
-            name = ref.tok.text
+            try:
+                self.check_ref(ref, unknown)
+            except ConfigError as err:
+                self.fail(ref.seq, err)
+
+    def check_ref(self, ref: _Ref, unknown: set[tuple[str, str]]) -> None:
+        name = ref.tok.text
+        declared = self.actions if ref.kind == "action" else self.tables
+        if name not in declared:
+            if name in self.failed[ref.kind] or self.incomplete or (ref.kind, name) in unknown:
+                return
+            unknown.add((ref.kind, name))
             if ref.kind == "action":
-                if name not in self.actions:
-                    raise _error(
-                        ref.tok,
-                        f"unknown action '{_shorten(name)}'",
-                        _suggest(name, sorted(self.actions))
-                        or f'declare it: action "{_shorten(name)}" maildir',
-                    )
-                continue
-            table = self.tables.get(name)
-            if table is None:
                 raise _error(
                     ref.tok,
-                    f"unknown table '{_shorten(name)}'",
-                    _suggest(name, sorted(self.tables))
-                    or f"declare it: table {_shorten(name)} file:/path",
+                    f"unknown action '{_shorten(name)}'",
+                    _suggest(name, sorted(self.actions))
+                    or f'declare it: action "{_shorten(name)}" maildir',
                 )
+            raise _error(
+                ref.tok,
+                f"unknown table '{_shorten(name)}'",
+                _suggest(name, sorted(self.tables))
+                or f"declare it: table {_shorten(name)} file:/path",
+            )
+        if ref.kind == "table":
+            table = self.tables[name]
             if ref.role == "alias" and table.kind != "map" and table.entries():
                 raise _error(
                     ref.tok,
@@ -1314,7 +1438,17 @@ class _Parser:
                         ) from None
 
     def config(self) -> Config:
-        self.check_refs()
+        """The configuration read, or ConfigError (ConfigErrors for several) with every error."""
+        if len(self.errors) < MAX_ERRORS:
+            with contextlib.suppress(_TooManyErrors):
+                self.check_refs()
+        if self.errors:
+            errors = [err for _, err in sorted(self.errors, key=lambda item: item[0])]
+            if len(errors) >= MAX_ERRORS:
+                errors.append(
+                    ConfigError(f"{len(errors)} errors: stopped reading here", errors[-1].location)
+                )
+            raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
         cfg = Config(
             path=self.main_path,
             tables=self.tables,
@@ -1400,7 +1534,8 @@ def parse_string(text: str, filename: str = "<embedded>") -> Config:
 
 def _parse(text: str, filename: str, real: str) -> Config:
     parser = _Parser(filename)
-    parser.parse_text(text, filename, real)
+    with contextlib.suppress(_TooManyErrors):
+        parser.parse_text(text, filename, real)
     return parser.config()
 
 

@@ -310,8 +310,9 @@ class ControlConnection(asyncio.Protocol):
                 return
             try:
                 req = proto.decode_request(line)
-            except ProtocolError as exc:
-                self.send(proto.reply_error(0, exc.code, exc.message))
+            except ProtocolError as exc:  # answered with the request's id when it could be read
+                ident = exc.id if exc.id is not None else 0
+                self.send(proto.reply_error(ident, exc.code, exc.message))
                 self.close()
                 return
             try:

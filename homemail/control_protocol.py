@@ -11,6 +11,11 @@ Reply (exactly one per request, same ``id``)::
     {"v": 1, "id": 7, "ok": true, "result": ...}
     {"v": 1, "id": 7, "ok": false, "error": {"code": 403, "message": "..."}}
 
+A request the daemon refuses as malformed (an unknown verb, bad args, another version) is
+answered with its own ``id`` too, whenever that id can be read; only an error about a frame
+whose id cannot be read (not JSON, too large, no valid ``id``) or about the connection itself
+(too many connections) carries ``"id": 0``, which clients therefore never use for a request.
+
 Events (after a ``monitor`` request is accepted, until the client closes)::
 
     {"v": 1, "id": 7, "event": "delivery", "data": {...}}
@@ -46,10 +51,13 @@ class Code(IntEnum):
 
 
 class ProtocolError(Exception):
-    def __init__(self, code: Code, message: str) -> None:
+    """A refusal with its code; ``id`` is the id of the request it answers, when known."""
+
+    def __init__(self, code: Code, message: str, *, id: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.id = id
 
 
 #: verb → whether it changes state (needs root, the daemon's user or homemail-admin)
@@ -118,7 +126,7 @@ def event(id: int, name: str, data: dict[str, Any]) -> bytes:
     return encode({"v": VERSION, "id": id, "event": name, "data": data})
 
 
-def _load(line: bytes) -> dict[str, Any]:
+def _object(line: bytes) -> dict[str, Any]:
     if len(line) > MAX_FRAME:
         raise ProtocolError(Code.TOO_LARGE, "frame too large")
     try:
@@ -127,24 +135,42 @@ def _load(line: bytes) -> dict[str, Any]:
         raise ProtocolError(Code.BAD_REQUEST, "frame is not JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(Code.BAD_REQUEST, "frame is not a JSON object")
-    version = obj.get("v")
-    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
-        raise ProtocolError(Code.VERSION, f"protocol version {VERSION} required")
     return obj
 
 
-def decode_request(line: bytes) -> Request:
-    """Parse one request frame; raises ProtocolError with the code to send back."""
-    obj = _load(line)
+def _check_version(obj: dict[str, Any], ident: int | None = None) -> None:
+    version = obj.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
+        raise ProtocolError(Code.VERSION, f"protocol version {VERSION} required", id=ident)
+
+
+def _load(line: bytes) -> dict[str, Any]:
+    obj = _object(line)
+    _check_version(obj)
+    return obj
+
+
+def _request_id(obj: dict[str, Any]) -> int | None:
     ident = obj.get("id")
+    if not isinstance(ident, int) or isinstance(ident, bool) or not 0 <= ident < 2**53:
+        return None
+    return ident
+
+
+def decode_request(line: bytes) -> Request:
+    """Parse one request frame; raises ProtocolError with the code to send back, and with the
+    request's id when it could be read (so that the refusal answers that request)."""
+    obj = _object(line)
+    ident = _request_id(obj)
+    _check_version(obj, ident)
+    if ident is None:
+        raise ProtocolError(Code.BAD_REQUEST, "request id must be a non-negative integer")
     verb = obj.get("verb")
     args = obj.get("args", {})
-    if not isinstance(ident, int) or isinstance(ident, bool) or not 0 <= ident < 2**53:
-        raise ProtocolError(Code.BAD_REQUEST, "request id must be a non-negative integer")
     if not isinstance(verb, str) or verb not in VERBS:
-        raise ProtocolError(Code.BAD_REQUEST, f"unknown verb {str(verb)[:40]!r}")
+        raise ProtocolError(Code.BAD_REQUEST, f"unknown verb {str(verb)[:40]!r}", id=ident)
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
-        raise ProtocolError(Code.BAD_REQUEST, "args must be an object")
+        raise ProtocolError(Code.BAD_REQUEST, "args must be an object", id=ident)
     return Request(ident, verb, args)
 
 

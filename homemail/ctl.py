@@ -93,7 +93,8 @@ commands:
   encrypt [STRING]           secret set LABEL USERNAME   (password on stdin)
   sendmail [FLAGS] [RECIPIENT...] | mailq | newaliases
 
---json prints the daemon's result as JSON; for show queue and monitor, one object per line.
+--json prints the daemon's result as JSON; for show queue, mailq and monitor, one object per
+line.  encrypt, sendmail and show message have no JSON form and refuse it.
 The socket defaults to $HOMEMAIL_SOCKET, else the daemon's usual place.
 """
 
@@ -755,6 +756,14 @@ def parse_command(words: Sequence[str]) -> Command:
     raise UsageError(f"unknown or incomplete command: {clean(' '.join(words))}")
 
 
+#: the commands whose output has no JSON form, and why: --json is refused, not ignored
+NO_JSON = {
+    "encrypt": "it prints the hash alone",
+    "sendmail": "it speaks sendmail's interface (use --json mailq for the queue)",
+    "show message": "it prints the message as it is stored",
+}
+
+
 def _print_result(opts: Options, result: Any, text: str) -> None:
     _write((json.dumps(result) if opts.json else text) + "\n")
 
@@ -765,17 +774,19 @@ def run(opts: Options, cmd: Command) -> int:
     if verb == "help":
         _write(USAGE)
         return EX_OK
+    if opts.json and verb in NO_JSON:
+        raise Exit(EX_USAGE, f"--json does not apply to {verb}: {NO_JSON[verb]}")
     if verb == "encrypt":
         return do_encrypt(cmd.args)
     if verb == "sendmail":
         return sendmail(cmd.argv, opts.socket)
     if verb == "mailq":
-        return mailq(opts.socket)
+        return mailq(opts.socket, as_json=opts.json)
     if verb == "newaliases":
-        return newaliases(opts.socket)
+        return newaliases(opts.socket, as_json=opts.json)
     with ControlClient(opts.socket) as client:
         if verb == "show queue":
-            return show_queue(client, opts)
+            return show_queue(client, as_json=opts.json)
         if verb == "show message":
             return show_message(client, cmd.args)
         if verb == "monitor":
@@ -850,14 +861,14 @@ def _items(reply: Reply) -> list[dict[str, Any]]:
     return [env for env in items if isinstance(env, dict)]
 
 
-def show_queue(client: ControlClient, opts: Options) -> int:
+def show_queue(client: ControlClient, *, as_json: bool) -> int:
     now = time.time()
     for reply in client.stream("show queue"):
         if reply.event != "items":
             continue
         envs = _items(reply)
         if envs:
-            render = json.dumps if opts.json else (lambda env: format_queue_line(env, now))
+            render = json.dumps if as_json else (lambda env: format_queue_line(env, now))
             _write("".join(render(env) + "\n" for env in envs))
     return EX_OK
 
@@ -895,9 +906,12 @@ def monitor(client: ControlClient, opts: Options, counters: bool) -> int:
     raise ConnectionClosed()
 
 
-def mailq(sock_path: str) -> int:
+def mailq(sock_path: str, *, as_json: bool = False) -> int:
+    """Sendmail's queue listing; with ``as_json`` the lines of ``--json show queue``."""
     envs: list[dict[str, Any]] = []
     with ControlClient(sock_path) as client:
+        if as_json:
+            return show_queue(client, as_json=True)
         for reply in client.stream("show queue"):
             if reply.event == "items":
                 envs.extend(_items(reply))
@@ -905,10 +919,14 @@ def mailq(sock_path: str) -> int:
     return EX_OK
 
 
-def newaliases(sock_path: str) -> int:
-    """Have the daemon re-read the aliases files its configuration uses, whatever their names."""
+def newaliases(sock_path: str, *, as_json: bool = False) -> int:
+    """Have the daemon re-read the aliases files its configuration uses, whatever their names.
+    With ``as_json``, print the daemon's result: ``{"tables": [NAME, …]}``."""
     with ControlClient(sock_path) as client:
         result = client.call("update table", aliases=True)
+    if as_json:
+        _write(json.dumps(result) + "\n")
+        return EX_OK
     tables = result.get("tables") if isinstance(result, dict) else None
     names = [t for t in tables if isinstance(t, str)] if isinstance(tables, list) else []
     if not names:  # not an error: package scripts run newaliases after any change
@@ -1523,13 +1541,13 @@ def _dispatch(name: str, argv: list[str]) -> int:
     if name == "sendmail":
         return sendmail(argv, default_socket())
     if name == "mailq":
-        if any(arg != "-v" for arg in argv):
-            raise UsageError("usage: mailq")
-        return mailq(default_socket())
+        if any(arg not in ("-v", "--json") for arg in argv):
+            raise UsageError("usage: mailq [--json]")
+        return mailq(default_socket(), as_json="--json" in argv)
     if name == "newaliases":
-        if argv:
-            raise UsageError("usage: newaliases")
-        return newaliases(default_socket())
+        if any(arg != "--json" for arg in argv):
+            raise UsageError("usage: newaliases [--json]")
+        return newaliases(default_socket(), as_json="--json" in argv)
     opts, words = parse_options(argv)
     return run(opts, parse_command(words))
 

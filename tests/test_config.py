@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from homemail.config import (
+    MAX_ERRORS,
     Action,
     Config,
     ConfigError,
+    ConfigErrors,
     ConfigWarning,
     Listener,
     Location,
@@ -340,6 +342,143 @@ def test_include_without_file() -> None:
 def test_include_of_a_directory(tmp_path: Path) -> None:
     err = fail(f'include "{tmp_path}"\n')
     assert "not a regular file" in err.message
+
+
+# --- every error in one run -------------------------------------------------------------------
+
+
+def where(err: ConfigError) -> list[tuple[int, int]]:
+    """(line, column) of each error found, in the order reported."""
+    return [(e.location.line, e.location.column) for e in err.errors if e.location is not None]
+
+
+def test_every_failing_statement_is_reported_in_reading_order() -> None:
+    err = fail(
+        'match for local action "nowhere"\n'  # checked at the end, reported in its place
+        "lisen on localhost\n"
+        "listen on localhost port 0\n" + MINIMAL + "queue ttl forever\n"
+    )
+    assert isinstance(err, ConfigErrors)
+    assert where(err) == [(1, 24), (2, 1), (3, 26), (6, 11)]
+    assert [e.message for e in err.errors][:2] == [
+        "unknown action 'nowhere'",
+        "unknown keyword 'lisen'",
+    ]
+    assert str(err) == "\n".join(str(e) for e in err.errors)
+    assert str(err).splitlines()[1] == '  hint: declare it: action "nowhere" maildir'
+    # code that knows of one error only reads the first
+    first = err.errors[0]
+    assert (err.location, err.message, err.token, err.hint) == (
+        first.location,
+        first.message,
+        first.token,
+        first.hint,
+    )
+
+
+def test_a_single_error_is_a_plain_config_error() -> None:
+    err = fail("lisen on localhost\n" + MINIMAL)
+    assert type(err) is ConfigError
+    assert err.errors == [err]
+
+
+def test_uses_of_a_failed_declaration_are_not_errors_of_their_own() -> None:
+    err = fail(
+        "table nets { 10.0.0.0/8,, }\n"
+        'action "local" maildir frobnicate\n'
+        'dir = "a b" c\n'
+        'match from src <nets> for local action "local"\n'
+        'action "other" maildir $dir\n'
+        "path = $dir\n"
+        'match for domain <nets> action "other"\n'
+        "listen on $path\n"
+    )
+    assert where(err) == [(1, 25), (2, 24), (3, 13)]
+
+
+def test_an_unknown_name_is_reported_once_at_its_first_use() -> None:
+    err = fail(
+        'action "local" maildir alias <nosuch>\n'
+        'match for domain <nosuch> action "local"\n'
+        'match for local action "gone"\n'
+        'match from any for local action "gone"\n'
+    )
+    assert [(e.location, e.message) for e in err.errors] == [
+        (loc(1, 31), "unknown table 'nosuch'"),
+        (loc(3, 24), "unknown action 'gone'"),
+    ]
+
+
+def test_an_undefined_macro_is_reported_once_at_its_first_use() -> None:
+    err = fail("listen on $addr\nlisten on $addr port 25\nx = $addr\nlisten on $x\n" + MINIMAL)
+    assert type(err) is ConfigError
+    assert (err.location, err.message) == (loc(1, 11), "undefined macro '$addr'")
+
+
+def test_what_a_failed_statement_refers_to_is_not_checked() -> None:
+    err = fail(MINIMAL + 'match for domain <nosuch> action "local" frobnicate\n')
+    assert [e.message for e in err.errors] == ["unknown match option 'frobnicate'"]
+
+
+def test_a_lex_error_ends_its_line_and_reading_goes_on() -> None:
+    err = fail(
+        'table t { "a, b }\n'
+        "lisen on localhost\n" + MINIMAL + 'x = "a\x01"\n'
+        "listen on \x02 localhost\n"
+        "smtp max-message-size lots\n"
+    )
+    assert [(e.location, e.message) for e in err.errors] == [
+        (loc(1, 11), "unterminated quoted string"),
+        (loc(2, 1), "unknown keyword 'lisen'"),
+        (loc(5, 7), "control character U+0001 in a quoted string"),
+        (loc(6, 11), "unexpected control character U+0002"),
+        (loc(7, 23), "the max-message-size is not a valid size"),
+    ]
+
+
+def test_errors_of_included_files_in_reading_order(tmp_path: Path) -> None:
+    inc = tmp_path / "inc.conf"
+    inc.write_text("lisen on localhost\nqueue ttl soon\n")
+    main = tmp_path / "main.conf"
+    main.write_text('queue ttl x\ninclude "inc.conf"\nsmtp max-message-size y\n' + MINIMAL)
+    with pytest.raises(ConfigErrors) as info:
+        parse_file(str(main))
+    assert [str(e.location) for e in info.value.errors] == [
+        f"{main}:1:11",
+        f"{inc}:1:1",
+        f"{inc}:2:11",
+        f"{main}:3:23",
+    ]
+
+
+def test_an_unreadable_include_leaves_unknown_names_unreported(tmp_path: Path) -> None:
+    """What it would have declared is unknown: no error for each use of it."""
+    main = tmp_path / "main.conf"
+    main.write_text(
+        'include "missing.conf"\n'
+        'action "local" maildir alias <aliases>\n'
+        'match for local action "local"\n'
+        'match for domain <domains> action "remote"\n'
+        "listen on $address\n"
+        "lisen on localhost\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        parse_file(str(main))
+    assert [e.location for e in info.value.errors] == [
+        Location(str(main), 1, 9),
+        Location(str(main), 6, 1),
+    ]
+
+
+def test_reading_stops_after_max_errors() -> None:
+    err = fail("lisen\n" * (MAX_ERRORS + 10) + 'match for local action "nowhere"\n')
+    assert len(err.errors) == MAX_ERRORS + 1
+    assert [e.message for e in err.errors[:-1]] == ["unknown keyword 'lisen'"] * MAX_ERRORS
+    last = err.errors[-1]
+    assert (last.location, last.message) == (
+        loc(MAX_ERRORS, 1),
+        f"{MAX_ERRORS} errors: stopped reading here",
+    )
 
 
 # --- parse_file -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import smtplib
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -803,6 +804,52 @@ def test_unknown_commands_are_usage_errors(ctld: Daemon) -> None:
         assert result.returncode == 64, (args, result)
         assert "usage:" in result.stderr
     assert ctld.running
+
+
+def exchange(daemon: Daemon, *frames: bytes) -> tuple[list[dict[str, Any]], bool]:
+    """Send raw frames on the control socket; the replies, and whether the daemon hung up."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(daemon.socket))
+        data = b""
+        for frame in frames:
+            s.sendall(frame)
+        closed = False
+        try:
+            while got := s.recv(65536):
+                data += got
+            closed = True
+        except TimeoutError:
+            pass
+    return [json.loads(line) for line in data.splitlines()], closed
+
+
+def test_a_refused_request_is_answered_with_its_own_id(daemon: Daemon) -> None:
+    """A client matching replies to requests (the tray app) can tell which request was refused."""
+    daemon.start()
+    replies, closed = exchange(
+        daemon,
+        b'{"v": 1, "id": 5, "verb": "show status"}\n',
+        b'{"v": 1, "id": 6, "verb": "frobnicate"}\n',
+    )
+    assert [(r["id"], r["ok"]) for r in replies] == [(5, True), (6, False)], replies
+    assert replies[1]["error"]["code"] == 400, replies
+    assert "frobnicate" in replies[1]["error"]["message"], replies
+    assert closed  # a malformed request still costs the client its connection
+
+    for frame, ident, code in (
+        (b'{"v": 1, "id": 41, "verb": ["show", "status"]}\n', 41, 400),
+        (b'{"v": 1, "id": 42, "verb": "show status", "args": [1]}\n', 42, 400),
+        (b'{"v": 2, "id": 43, "verb": "show status"}\n', 43, 426),
+        # no id to answer with: 0, which no client uses for a request
+        (b'{"v": 1, "verb": "frobnicate"}\n', 0, 400),
+        (b'{"v": 1, "id": "44", "verb": "show status"}\n', 0, 400),
+        (b"not json\n", 0, 400),
+    ):
+        replies, closed = exchange(daemon, frame)
+        assert [(r["id"], r["error"]["code"]) for r in replies] == [(ident, code)], (frame, replies)
+        assert closed, frame
+    assert ok(run_ctl(daemon, "show", "status"))
 
 
 def test_show_queue_streams_a_large_queue(ctld: Daemon) -> None:

@@ -506,6 +506,57 @@ def test_check_config_missing_file(tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
+#: Independent mistakes, and statements that fail only because an earlier one did.
+SEVERAL_ERRORS = """\
+listen on 127.0.0.1 port @PORT@
+lisen on localhost
+table aliases file:@DIR@/no-such-aliases
+action "local" maildir "@MAILDIR@" alias <aliases>
+action "box" mbox "@MBOX@" frobnicate
+match from local for rcpt-to <boxrcpts> action "box"
+match from local for local action "local"
+match from local for domain <boxrcpts> action "local"
+smtp max-message-size lots
+quoted = "unterminated
+queue ttl $quoted
+"""
+
+
+def test_check_config_reports_every_error_and_run_refuses_with_the_same(daemon: Daemon) -> None:
+    """As OpenSMTPD's smtpd -n: one run lists every mistake, each as FILE:LINE:COL on a line of
+    its own.  A use of a table, action or macro whose declaration failed is not reported again,
+    and an unknown table is reported once, where it is first used."""
+    cfg = daemon.write_config(SEVERAL_ERRORS)
+    checked = run_homemail("check-config", "-f", str(cfg))
+    assert checked.returncode == 78, checked
+    assert "configuration OK" not in checked.stdout
+    lines = checked.stderr.splitlines()
+    errors = [line for line in lines if not line.startswith("  hint: ")]
+    frobnicate = len(daemon.render('action "box" mbox "@MBOX@" ')) + 1
+    assert [e.partition(": error: ")[0] for e in errors] == [
+        f"{cfg}:{where}" for where in ("2:1", "3:15", f"5:{frobnicate}", "6:31", "9:23", "10:10")
+    ], checked.stderr
+    messages = [e.partition(": error: ")[2] for e in errors]
+    assert messages[0].startswith("unknown keyword 'lisen'"), messages
+    assert messages[1].startswith("cannot load table 'aliases'"), messages
+    assert messages[2].startswith("unknown action option 'frobnicate'"), messages
+    assert messages[3].startswith("unknown table 'boxrcpts'"), messages
+    assert messages[4].startswith("the max-message-size is not a valid size"), messages
+    assert messages[5].startswith("unterminated quoted string"), messages
+
+    result = subprocess.run(
+        daemon.command(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=daemon.env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 78, result
+    assert result.stderr == checked.stderr
+    assert not port_open(daemon.port)
+
+
 def test_a_file_named_before_the_subcommand_is_the_one_run_uses(daemon: Daemon) -> None:
     """OpenSMTPD's habit, ``homemail -f FILE run``, runs FILE, not the embedded default."""
     command = daemon.command()

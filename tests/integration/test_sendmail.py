@@ -8,6 +8,7 @@ daemon down it goes to the offline spool and is delivered, exactly once, when th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -439,6 +440,63 @@ def test_newaliases_without_an_aliases_file_says_so(daemon: Daemon, bindir: Path
         result = shell(script, cron_env(sm, bindir), sm.home)
         assert result.returncode == 0 and result.stderr == "", result
         assert result.stdout == "no aliases file in the configuration: nothing to re-read\n"
+
+
+def test_json_of_mailq_and_newaliases(sm: Daemon, bindir: Path) -> None:
+    """mailq --json prints the lines of homemailctl --json show queue, newaliases --json the
+    daemon's result; by their own names and as homemailctl --json mailq|newaliases."""
+    env = cron_env(sm, bindir)
+    assert ok(shell("mailq --json", env, sm.home)) == ""  # an empty queue: no lines at all
+    toks = [token(), token()]
+    for tok in toks:
+        ok(
+            run(
+                [str(bindir / "sendmail"), "-oi", "-f", "cron@example.org", "flaky@localhost"],
+                env,
+                f"Subject: {tok}\n\nx\n",
+            )
+        )
+    sm.wait_for_log(r"rcpt=<flaky@localhost>.*result=TempFail", count=2)
+    ok(run([*HOMEMAILCTL, "pause", "mda"], env))  # nothing changes while the outputs are compared
+
+    listing = ok(run([*HOMEMAILCTL, "--json", "show", "queue"], env))
+    envelopes = [json.loads(line) for line in listing.splitlines()]
+    assert [(e["sender"], e["rcpt"]) for e in envelopes] == [
+        ("cron@example.org", "flaky@localhost")
+    ] * 2, listing
+    assert ok(shell("mailq --json", env, sm.home)) == listing
+    assert ok(shell("mailq -v --json", env, sm.home)) == listing
+    assert ok(run([*HOMEMAILCTL, "--json", "mailq"], env)) == listing
+
+    for args in (["newaliases", "--json"], [*HOMEMAILCTL, "--json", "newaliases"]):
+        command = [str(bindir / args[0]), *args[1:]] if args[0] == "newaliases" else args
+        assert json.loads(ok(run(command, env))) == {"tables": ["aliases"]}, args
+    result = shell("newaliases --yaml", env, sm.home)
+    assert result.returncode == 64 and "usage: newaliases [--json]" in result.stderr, result
+
+
+def test_json_is_refused_by_commands_without_a_json_form(sm: Daemon, bindir: Path) -> None:
+    """encrypt, sendmail and show message say --json does not apply, exit 64, and do nothing."""
+    env = cron_env(sm, bindir)
+    ok(run([*HOMEMAILCTL, "pause", "mda"], env))
+    tok = token()
+    ok(run([str(bindir / "sendmail"), "-oi", "bob@localhost"], env, f"Subject: {tok}\n\nx\n"))
+    listing = ok(run([*HOMEMAILCTL, "--json", "show", "queue"], env))
+    (msgid,) = {json.loads(line)["msgid"] for line in listing.splitlines()}
+    for command, args in (
+        ("encrypt", ["encrypt", "correct horse"]),
+        ("sendmail", ["sendmail", "-oi", "bob@localhost"]),
+        ("show message", ["show", "message", msgid]),
+    ):
+        result = run([*HOMEMAILCTL, "--json", *args], env, f"Subject: {token()}\n\nx\n")
+        assert result.returncode == 64, (args, result)
+        assert result.stdout == b"", (args, result)
+        assert f"--json does not apply to {command}: " in result.stderr.decode(), (args, result)
+    # the refused sendmail queued nothing, nor spooled anything for later
+    assert ok(run([*HOMEMAILCTL, "--json", "show", "queue"], env)) == listing
+    assert spooled(sm.spool / "offline") == []
+    ok(run([*HOMEMAILCTL, "resume", "mda"], env))
+    sm.wait_for_message(tok)
 
 
 def test_sendmail_q_flushes_the_queue(sm: Daemon, bindir: Path) -> None:
