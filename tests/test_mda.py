@@ -777,3 +777,43 @@ def test_expand_format_modifiers_slices_and_mbox_from() -> None:
     assert mda.expand_format("%{mbox.from}", values) == "MAILER-DAEMON"
     with pytest.raises(DeliveryError, match="unknown format modifier ':badmod'"):
         mda.expand_format("/x/%{rcpt.user:badmod}", values)
+
+
+def test_maildir_recovered_finds_a_copy_moved_after_the_first_recovered_delivery(
+    tmp_path: Path,
+) -> None:
+    """The ids of the copies are read once; a copy a reader moves afterwards is still found."""
+    before = make_delivery(evpid=0x1234ABCD00000051)
+    first = deliver_maildir(str(tmp_path), MESSAGE, before)  # delivered before the restart
+    deliver_maildir(str(tmp_path), MESSAGE, make_delivery(recovered=True))  # reads the ids
+    seen = tmp_path / "cur" / (os.path.basename(first) + ":2,S")
+    os.rename(first, seen)
+    again = deliver_maildir(
+        str(tmp_path), MESSAGE, make_delivery(evpid=before.evpid, recovered=True)
+    )
+    assert again == str(seen)
+    assert len(os.listdir(tmp_path / "new")) == 1  # the one recovered delivery that had none
+
+
+def test_maildir_recovered_twice_finds_the_copy_it_made_once_moved(tmp_path: Path) -> None:
+    """A recovered delivery done here, then tried again (its result was not recorded) after a
+    reader moved the copy: the ids read at the first include what this process wrote since."""
+    deliver_maildir(str(tmp_path), MESSAGE, make_delivery(evpid=0x1234ABCD00000061,
+                                                          recovered=True))
+    d = make_delivery(recovered=True)
+    first = deliver_maildir(str(tmp_path), MESSAGE, d)
+    seen = tmp_path / "cur" / (NAME + ":2,S")
+    os.rename(first, seen)
+    assert deliver_maildir(str(tmp_path), MESSAGE, d) == str(seen)
+    assert os.listdir(tmp_path / "cur") == [NAME + ":2,S"]
+
+
+def test_maildir_recovered_copy_its_reader_deleted_is_not_delivered_again(tmp_path: Path) -> None:
+    before = make_delivery()
+    first = deliver_maildir(str(tmp_path), MESSAGE, before)
+    deliver_maildir(str(tmp_path), MESSAGE, make_delivery(evpid=0x1234ABCD00000071,
+                                                          recovered=True))  # reads the ids
+    os.unlink(first)  # read and deleted meanwhile
+    deliver_maildir(str(tmp_path), MESSAGE, make_delivery(recovered=True))
+    assert NAME not in os.listdir(tmp_path / "new")
+    assert os.listdir(tmp_path / "cur") == []
