@@ -167,6 +167,18 @@ class Daemon:
             cmd.append("--user-mode")
         return cmd
 
+    def run_refused(self, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run the daemon's command in the foreground and wait for its exit: for a start that
+        must be refused (the caller checks the exit status and stderr)."""
+        return subprocess.run(
+            self.command(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+        )
+
     def start(self, template: str | None = None, *, write: bool = True) -> Daemon:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
         if write:

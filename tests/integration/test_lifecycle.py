@@ -342,14 +342,7 @@ def test_port_in_use_is_a_clear_error(daemon: Daemon, tmp_path) -> None:
     blocker.listen(1)
     try:
         daemon.write_config()
-        result = subprocess.run(
-            daemon.command(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=daemon.env,
-            stdin=subprocess.DEVNULL,
-        )
+        result = daemon.run_refused()
     finally:
         blocker.close()
     assert result.returncode != 0
@@ -390,14 +383,7 @@ def test_a_second_daemon_on_the_same_spool_is_refused(running: Daemon, tmp_path)
 def test_run_with_a_bad_config_exits_78(daemon: Daemon) -> None:
     daemon.config_path.parent.mkdir(parents=True, exist_ok=True)
     daemon.config_path.write_text("listen on 127.0.0.1 port 2525\nlisten in localhost\n")
-    result = subprocess.run(
-        daemon.command(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=daemon.env,
-        stdin=subprocess.DEVNULL,
-    )
+    result = daemon.run_refused()
     assert result.returncode == 78, result.stderr
     assert f"{daemon.config_path}:2:" in result.stderr, result.stderr
 
@@ -416,14 +402,7 @@ def test_run_refuses_listeners_on_the_same_address_and_default_port(daemon: Daem
     """Without a port, user mode listens on 2525: the check knows the mode, as run does."""
     daemon.config_path.parent.mkdir(parents=True, exist_ok=True)
     daemon.config_path.write_text("listen on localhost\nlisten on 127.0.0.1 port 2525\n")
-    result = subprocess.run(
-        daemon.command(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=daemon.env,
-        stdin=subprocess.DEVNULL,
-    )
+    result = daemon.run_refused()
     assert result.returncode == 78, result.stderr
     assert f"{daemon.config_path}:2:11: error: this listener binds 127.0.0.1 port 2525" in (
         result.stderr
@@ -544,14 +523,7 @@ def test_check_config_reports_every_error_and_run_refuses_with_the_same(daemon: 
     assert messages[4].startswith("the max-message-size is not a valid size"), messages
     assert messages[5].startswith("unterminated quoted string"), messages
 
-    result = subprocess.run(
-        daemon.command(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=daemon.env,
-        stdin=subprocess.DEVNULL,
-    )
+    result = daemon.run_refused()
     assert result.returncode == 78, result
     assert result.stderr == checked.stderr
     assert not port_open(daemon.port)

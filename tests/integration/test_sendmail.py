@@ -347,14 +347,10 @@ def test_sendmail_bs_interactive_dialogue(sm: Daemon, bindir: Path) -> None:
     sm.wait_for_message(tok)
 
 
-def test_mailq_empty_and_with_deferred_mail(sm: Daemon, bindir: Path) -> None:
-    env = cron_env(sm, bindir)
-    for args in (["mailq"], ["sendmail", "-bp"]):
-        assert ok(shell(" ".join(args), env, sm.home)) == "Mail queue is empty\n", args
-    assert ok(run([*HOMEMAILCTL, "mailq"], env)) == "Mail queue is empty\n"
-
-    toks = [token(), token()]
-    for tok in toks:
+def queue_two_deferred(sm: Daemon, bindir: Path, env: dict[str, str]) -> None:
+    """Two messages from cron to flaky@localhost, deferred once each; then mda paused, so that
+    nothing changes while outputs are compared."""
+    for tok in (token(), token()):
         ok(
             run(
                 [str(bindir / "sendmail"), "-oi", "-f", "cron@example.org", "flaky@localhost"],
@@ -363,7 +359,16 @@ def test_mailq_empty_and_with_deferred_mail(sm: Daemon, bindir: Path) -> None:
             )
         )
     sm.wait_for_log(r"rcpt=<flaky@localhost>.*result=TempFail", count=2)
-    ok(run([*HOMEMAILCTL, "pause", "mda"], env))  # nothing changes while the outputs are compared
+    ok(run([*HOMEMAILCTL, "pause", "mda"], env))
+
+
+def test_mailq_empty_and_with_deferred_mail(sm: Daemon, bindir: Path) -> None:
+    env = cron_env(sm, bindir)
+    for args in (["mailq"], ["sendmail", "-bp"]):
+        assert ok(shell(" ".join(args), env, sm.home)) == "Mail queue is empty\n", args
+    assert ok(run([*HOMEMAILCTL, "mailq"], env)) == "Mail queue is empty\n"
+
+    queue_two_deferred(sm, bindir, env)
 
     listing = ok(shell("mailq", env, sm.home))
     assert ok(shell("sendmail -bp", env, sm.home)) == listing
@@ -447,17 +452,7 @@ def test_json_of_mailq_and_newaliases(sm: Daemon, bindir: Path) -> None:
     daemon's result; by their own names and as homemailctl --json mailq|newaliases."""
     env = cron_env(sm, bindir)
     assert ok(shell("mailq --json", env, sm.home)) == ""  # an empty queue: no lines at all
-    toks = [token(), token()]
-    for tok in toks:
-        ok(
-            run(
-                [str(bindir / "sendmail"), "-oi", "-f", "cron@example.org", "flaky@localhost"],
-                env,
-                f"Subject: {tok}\n\nx\n",
-            )
-        )
-    sm.wait_for_log(r"rcpt=<flaky@localhost>.*result=TempFail", count=2)
-    ok(run([*HOMEMAILCTL, "pause", "mda"], env))  # nothing changes while the outputs are compared
+    queue_two_deferred(sm, bindir, env)
 
     listing = ok(run([*HOMEMAILCTL, "--json", "show", "queue"], env))
     envelopes = [json.loads(line) for line in listing.splitlines()]
