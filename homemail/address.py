@@ -139,14 +139,15 @@ def split_subaddress(local: str, delim: str) -> tuple[str, str | None]:
 
 
 def host_name() -> str:
-    """This machine's name for the banner, ``Received:`` lines and unqualified addresses: its
-    FQDN when the resolver knows one, else the name it calls itself.  ``getfqdn()`` alone
-    answers ``localhost`` where that name maps only to 127.0.0.1, as /etc/hosts often has it.
-    """
+    """This machine's name for the banner, ``Received:`` lines and unqualified addresses: the
+    name it calls itself, qualified when the resolver knows it so (``box`` → ``box.home.arpa``).
+    ``getfqdn()`` alone answers with the first name of the address the host name maps to, which
+    is ``localhost`` (or ``ip6-localhost``, ``localhost6.localdomain6``…) where /etc/hosts puts
+    it on a loopback line."""
     own = socket.gethostname()
-    for name in (socket.getfqdn(own), own):
-        if not name or name.lower().split(".")[0] == "localhost":
-            continue
+    fqdn = socket.getfqdn(own)
+    qualified = fqdn.lower().startswith(own.lower() + ".")
+    for name in (fqdn, own) if qualified else (own,):
         try:
             check_domain(name, utf8=False)
         except AddressError:

@@ -12,9 +12,11 @@ Reply (exactly one per request, same ``id``)::
     {"v": 1, "id": 7, "ok": false, "error": {"code": 403, "message": "..."}}
 
 A request the daemon refuses as malformed (an unknown verb, bad args, another version) is
-answered with its own ``id`` too, whenever that id can be read; only an error about a frame
-whose id cannot be read (not JSON, too large, no valid ``id``) or about the connection itself
-(too many connections) carries ``"id": 0``, which clients therefore never use for a request.
+answered with its own ``id`` too, whenever that id can be read, and the connection is closed
+after that reply (requests sent behind it on the same connection get none).  Only an error
+about a frame whose id cannot be read (not JSON, too large, no valid ``id``) or about the
+connection itself (too many connections) carries ``"id": 0``, which clients therefore never
+use for a request.
 
 Events (after a ``monitor`` request is accepted, until the client closes)::
 

@@ -801,6 +801,7 @@ class Daemon:
     async def _load_queue_dir(self) -> None:
         """Walk queue/ (when there was no index) while SMTP and control already serve."""
         started = time.monotonic()
+        walking = not self.queue.complete()  # the ready line said loading=queue/
         batches = self.queue.scan()
         loaded = 0
         try:
@@ -815,7 +816,7 @@ class Daemon:
             return
         finally:
             self.queue_loaded.set()
-        if loaded:
+        if walking or loaded:
             log.event(
                 "-",
                 "queue",

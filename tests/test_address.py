@@ -122,8 +122,13 @@ def test_plain_addresses_round_trip(text):
     ("own", "fqdn", "expected"),
     [
         ("vm", "localhost", "vm"),  # /etc/hosts maps the name to 127.0.0.1 only
+        ("vm", "ip6-localhost", "vm"),  # ... or to ::1, first named so
+        ("vm", "localhost6.localdomain6", "vm"),
         ("box", "box.home.arpa", "box.home.arpa"),
         ("box", "localhost.localdomain", "box"),
+        ("box", "other.example.org", "box"),  # another name: not this one's qualified form
+        ("mail.example.org", "localhost", "mail.example.org"),
+        ("localhost.localdomain", "localhost", "localhost.localdomain"),
         ("localhost", "localhost", "localhost"),
         ("bad_name!", "localhost", "localhost"),
     ],
@@ -132,3 +137,9 @@ def test_host_name_is_the_fqdn_else_the_machine_name(monkeypatch, own, fqdn, exp
     monkeypatch.setattr(socket, "gethostname", lambda: own)
     monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
     assert host_name() == expected
+
+
+def test_host_name_of_a_name_the_resolver_does_not_know(monkeypatch):
+    monkeypatch.setattr(socket, "gethostname", lambda: "mybox")
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": name)  # it answers with the name
+    assert host_name() == "mybox"

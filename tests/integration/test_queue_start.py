@@ -133,3 +133,21 @@ def test_a_stop_during_the_walk_loses_nothing(daemon: Daemon) -> None:
     assert queue_ids(daemon) == ids
     delivered: list[Path] = daemon.maildir_files()
     assert delivered == []  # every envelope is paused: nothing went out
+
+
+def test_a_start_that_reads_queue_dir_always_says_when_it_is_done(daemon: Daemon) -> None:
+    """After a crash with nothing in queue/ yet (all in the journal), the ready line says
+    loading=queue/: the line saying it is loaded follows, with nothing read."""
+    daemon.start()
+    result = run_ctl(daemon, "pause", "mda")
+    assert result.returncode == 0, result.stderr
+    tag = token()
+    message = f"Subject: {tag}\r\n\r\nx\r\n".encode()
+    accepted_msgid(send(daemon, "b@example.org", [LOCAL_RCPT], message))
+    daemon.kill()
+    mark = daemon.log_mark()
+    daemon.start(write=False)
+    daemon.wait_for_log(r"smtpd ready .*loading=queue/", since=mark)
+    [loaded] = daemon.wait_for_log(r"queue loaded envelopes=(\d+) .*read=(\d+)", since=mark)
+    assert (loaded.group(1), loaded.group(2)) == ("0", "0")
+    daemon.wait_for_message(tag.encode())  # from the journal, delivered (mda runs again)
