@@ -14,6 +14,7 @@ address has no domain.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 
@@ -138,16 +139,20 @@ def split_subaddress(local: str, delim: str) -> tuple[str, str | None]:
     return local, None
 
 
+_LOOPBACK_NAMES = re.compile(r"(localhost|ip6-localhost|ip6-loopback)[0-9]*(\.|$)", re.I)
+
+
 def host_name() -> str:
     """This machine's name for the banner, ``Received:`` lines and unqualified addresses: the
-    name it calls itself, qualified when the resolver knows it so (``box`` → ``box.home.arpa``).
-    ``getfqdn()`` alone answers with the first name of the address the host name maps to, which
-    is ``localhost`` (or ``ip6-localhost``, ``localhost6.localdomain6``…) where /etc/hosts puts
-    it on a loopback line."""
+    resolver's name for it (``box`` → ``box.home.arpa``), else the name it calls itself.
+    ``getfqdn()`` answers with the first name of the address the host name maps to, which is
+    ``localhost`` (or ``ip6-localhost``, ``localhost6.localdomain6``…) where /etc/hosts puts it
+    on a loopback line: such an answer is not taken."""
     own = socket.gethostname()
     fqdn = socket.getfqdn(own)
-    qualified = fqdn.lower().startswith(own.lower() + ".")
-    for name in (fqdn, own) if qualified else (own,):
+    for name in (fqdn, own):
+        if name is fqdn and _LOOPBACK_NAMES.match(fqdn) and fqdn.lower() != own.lower():
+            continue
         try:
             check_domain(name, utf8=False)
         except AddressError:

@@ -220,7 +220,7 @@ def _already_delivered(new_dir: str, cur_dir: str, name: str, recovered: bool) -
     if recovered:
         # by envelope id alone: the host name in the file name may have changed since
         ident = name.split(".", 2)[1]
-        if ident in _envelope_ids(os.path.dirname(new_dir), new_dir, cur_dir):
+        if ident in _envelope_ids(new_dir, cur_dir):
             return _find_copy(new_dir, cur_dir, ident) or os.path.join(cur_dir, name)
     return None
 
@@ -239,15 +239,19 @@ def _find_copy(new_dir: str, cur_dir: str, ident: str) -> str | None:
 # The envelope ids that have a copy in a maildir (the second field of our file names), for the
 # deliveries of envelopes recovered at a start: listing new/ and cur/ for each of them made the
 # recovery of a big queue into a big mailbox quadratic (44 ms a delivery with 50,000 files).
-# Read once per maildir and process, kept up to date with what this process delivers there,
-# read again after RECOVERED_IDS_SECONDS.  A copy delivered before the start is in it (or was
-# removed by its reader: delivered all the same), so an id not in it has no copy.
+# Read once per maildir and process (a long-lived one: the user-mode delivery process; system
+# mode forks a child per delivery, which reads them once for its one delivery), kept up to date
+# with what this process delivers there, read again after RECOVERED_IDS_SECONDS.  Keyed by the
+# identity of new/, however the path to it is spelt.  A copy delivered before the start is in
+# it (or was removed by its reader: delivered all the same), so an id not in it has no copy.
 RECOVERED_IDS_SECONDS = 300.0
-_recovered_ids: dict[str, tuple[float, set[str]]] = {}
+_recovered_ids: dict[tuple[int, int], tuple[float, set[str]]] = {}
 _recovered_lock = threading.Lock()
 
 
-def _envelope_ids(maildir: str, new_dir: str, cur_dir: str) -> set[str]:
+def _envelope_ids(new_dir: str, cur_dir: str) -> set[str]:
+    st = os.stat(new_dir)
+    maildir = (st.st_dev, st.st_ino)
     with _recovered_lock:
         known = _recovered_ids.get(maildir)
         if known is not None and time.monotonic() - known[0] < RECOVERED_IDS_SECONDS:
@@ -266,8 +270,11 @@ def _envelope_ids(maildir: str, new_dir: str, cur_dir: str) -> set[str]:
 
 def _delivered_to(new_dir: str, name: str) -> None:
     """A copy written here: the recovered deliveries' ids of that maildir get it too."""
+    if not _recovered_ids:  # (no stat on the way of every delivery)
+        return
+    st = os.stat(new_dir)
     with _recovered_lock:
-        known = _recovered_ids.get(os.path.dirname(new_dir))
+        known = _recovered_ids.get((st.st_dev, st.st_ino))
         if known is not None:
             known[1].add(name.split(".", 2)[1])
 

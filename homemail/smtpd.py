@@ -273,6 +273,7 @@ class Daemon:
         self.hostname = hostname or local_hostname()
         self._room = -1  # bytes free on the spool's file system (-1: not known), and when seen
         self._room_checked = -1e9
+        self._short = False  # what spool_short() last said
         # the system-mode worker runs as the daemon's own user, who gets no mail
         self.users = UserDb(user_mode=user_mode, daemon_uid=None if user_mode else os.geteuid())
         self.queue: Queue = FsQueue(spool)
@@ -321,7 +322,8 @@ class Daemon:
 
     def spool_short(self) -> bool:
         """Whether the spool's file system has less room than one and a half of the largest
-        message (Postfix's rule), when it was last looked at, at most a second ago."""
+        message (Postfix's rule), when it was last looked at, at most a second ago.  Each
+        change between the two is logged (mail is refused from the first to the second)."""
         now = time.monotonic()
         if now >= self._room_checked + 1.0:
             self._room_checked = now
@@ -331,7 +333,19 @@ class Daemon:
                 self._room = -1  # unknown: the commit will tell
             else:
                 self._room = st.f_bavail * st.f_frsize
-        return 0 <= self._room < self.cfg.max_message_size * 3 // 2
+        needed = self.cfg.max_message_size * 3 // 2
+        short = 0 <= self._room < needed
+        if short != self._short:
+            self._short = short
+            if short:
+                log.error(
+                    f"the spool's file system has {self._room} bytes free, less than 1.5 times "
+                    f"smtp max-message-size ({needed}): MAIL is refused with 452 4.3.1 until "
+                    "there is room"
+                )
+            else:
+                log.event("-", "smtpd", "spool-room", free=self._room, needed=needed)
+        return short
 
     def publish(self, name: str, data: dict[str, object]) -> None:
         self.control.monitor.publish(name, data)
@@ -801,7 +815,6 @@ class Daemon:
     async def _load_queue_dir(self) -> None:
         """Walk queue/ (when there was no index) while SMTP and control already serve."""
         started = time.monotonic()
-        walking = not self.queue.complete()  # the ready line said loading=queue/
         batches = self.queue.scan()
         loaded = 0
         try:
@@ -813,10 +826,11 @@ class Daemon:
                 loaded += len(batch)
         except Exception as exc:  # the walk failed: what it found is scheduled, the rest waits
             log.error(f"reading queue/ failed: {exc!r}; restart to read it again")
+            log.event("-", "queue", "loaded", envelopes=loaded, error=type(exc).__name__)
             return
         finally:
             self.queue_loaded.set()
-        if walking or loaded:
+        if not self._stop.is_set():  # (a stop cut the walk short: nothing to say it did)
             log.event(
                 "-",
                 "queue",

@@ -126,11 +126,14 @@ def test_plain_addresses_round_trip(text):
         ("vm", "localhost6.localdomain6", "vm"),
         ("box", "box.home.arpa", "box.home.arpa"),
         ("box", "localhost.localdomain", "box"),
-        ("box", "other.example.org", "box"),  # another name: not this one's qualified form
+        ("server01", "mail.example.org", "mail.example.org"),  # the resolver's name for it
         ("mail.example.org", "localhost", "mail.example.org"),
         ("localhost.localdomain", "localhost", "localhost.localdomain"),
         ("localhost", "localhost", "localhost"),
         ("bad_name!", "localhost", "localhost"),
+        ("bad_name!", "box.example.org", "box.example.org"),
+        ("vm", "ip6-loopback", "vm"),
+        ("vm", "localhost4.localdomain4", "vm"),
     ],
 )
 def test_host_name_is_the_fqdn_else_the_machine_name(monkeypatch, own, fqdn, expected):

@@ -817,3 +817,20 @@ def test_maildir_recovered_copy_its_reader_deleted_is_not_delivered_again(tmp_pa
     deliver_maildir(str(tmp_path), MESSAGE, make_delivery(recovered=True))
     assert NAME not in os.listdir(tmp_path / "new")
     assert os.listdir(tmp_path / "cur") == []
+
+
+def test_maildir_recovered_finds_its_copy_through_another_spelling_of_the_path(
+    tmp_path: Path,
+) -> None:
+    """The ids are the maildir's, not its path's: a copy written through a link to it (a home
+    reached through a symbolic link, an action's path changed by a reload) is found."""
+    real = tmp_path / "Maildir"
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    deliver_maildir(str(real), MESSAGE, make_delivery(evpid=0x1234ABCD00000081, recovered=True))
+    d = make_delivery(recovered=True)
+    first = deliver_maildir(str(link), MESSAGE, d)  # its result not recorded: tried again
+    seen = real / "cur" / (NAME + ":2,S")
+    os.rename(first, seen)
+    assert deliver_maildir(str(real), MESSAGE, d) == str(seen)
+    assert sorted(os.listdir(real / "cur")) == [NAME + ":2,S"]
