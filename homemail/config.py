@@ -717,6 +717,8 @@ class _Parser:
         self.seq = 0
         # names whose declaration failed: their uses are not errors of their own
         self.failed: dict[str, set[str]] = {"table": set(), "action": set(), "macro": set()}
+        self.stopped = False  # reading stopped at an error past MAX_ERRORS
+        self.checking_refs = False
         self.incomplete = False  # an include could not be read: any name may be declared there
         self.queue_ttl = 4 * 86400
         self.bounce_warn_interval = [4 * 3600]
@@ -747,10 +749,13 @@ class _Parser:
         self.stack.pop()
 
     def fail(self, seq: int, err: ConfigError) -> None:
+        """Record an error; one more than MAX_ERRORS while reading stops the reading (the
+        references, checked once all is read, are all recorded, then sorted in)."""
         if isinstance(err, _Consequence):
             return
         self.errors.append((seq, err))
-        if len(self.errors) >= MAX_ERRORS:
+        if len(self.errors) > MAX_ERRORS and not self.checking_refs:
+            self.stopped = True
             raise _TooManyErrors
 
     def declaration_failed(self, tokens: list[_Token]) -> None:
@@ -1391,6 +1396,7 @@ class _Parser:
         """Check every reference; a name that is unknown is reported once, at its first use,
         and not at all when its declaration failed (that error says it all)."""
         unknown: set[tuple[str, str]] = set()
+        self.checking_refs = True
         for ref in self.refs:
             try:
                 self.check_ref(ref, unknown)
@@ -1439,14 +1445,19 @@ class _Parser:
 
     def config(self) -> Config:
         """The configuration read, or ConfigError (ConfigErrors for several) with every error."""
-        if len(self.errors) < MAX_ERRORS:
-            with contextlib.suppress(_TooManyErrors):
-                self.check_refs()
+        if not self.stopped:  # (what was not read may declare the names used before it)
+            self.check_refs()
         if self.errors:
             errors = [err for _, err in sorted(self.errors, key=lambda item: item[0])]
-            if len(errors) >= MAX_ERRORS:
+            if len(errors) > MAX_ERRORS:
+                first_not_shown = errors[MAX_ERRORS].location
+                errors = errors[:MAX_ERRORS]
                 errors.append(
-                    ConfigError(f"{len(errors)} errors: stopped reading here", errors[-1].location)
+                    ConfigError(
+                        f"more than {MAX_ERRORS} errors: "
+                        + ("stopped reading here" if self.stopped else "the rest are not shown"),
+                        first_not_shown,
+                    )
                 )
             raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
         cfg = Config(

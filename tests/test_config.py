@@ -476,9 +476,27 @@ def test_reading_stops_after_max_errors() -> None:
     assert [e.message for e in err.errors[:-1]] == ["unknown keyword 'lisen'"] * MAX_ERRORS
     last = err.errors[-1]
     assert (last.location, last.message) == (
-        loc(MAX_ERRORS, 1),
-        f"{MAX_ERRORS} errors: stopped reading here",
+        loc(MAX_ERRORS + 1, 1),  # the first error not shown
+        f"more than {MAX_ERRORS} errors: stopped reading here",
     )
+
+
+def test_exactly_max_errors_are_all_shown_with_no_word_of_stopping() -> None:
+    err = fail("lisen\n" * MAX_ERRORS)
+    assert len(err.errors) == MAX_ERRORS
+    assert all(e.message == "unknown keyword 'lisen'" for e in err.errors)
+
+
+def test_errors_of_references_are_sorted_in_before_the_limit_cuts() -> None:
+    """Three unknown actions first, then MAX_ERRORS - 2 statements that fail: the whole file
+    is read, and the first MAX_ERRORS in reading order are shown, all three actions among them."""
+    text = "".join(f'match for local action "nowhere{i}"\n' for i in range(3))
+    text += "lisen\n" * (MAX_ERRORS - 2)
+    err = fail(text)
+    assert len(err.errors) == MAX_ERRORS + 1
+    assert [e.location.line for e in err.errors[:MAX_ERRORS]] == list(range(1, MAX_ERRORS + 1))
+    assert err.errors[-1].message == f"more than {MAX_ERRORS} errors: the rest are not shown"
+    assert err.errors[-1].location.line == MAX_ERRORS + 1
 
 
 # --- parse_file -------------------------------------------------------------------------------
