@@ -122,10 +122,6 @@ class QueueError(Exception):
 class Queue(ABC):
     """Where accepted mail lives until every envelope is delivered, bounced or removed."""
 
-    #: set before :meth:`close` when no delivery attempt is unrecorded: a backend that keeps
-    #: the fact can start next time with envelopes that are not ``recovered``
-    settled = False
-
     @abstractmethod
     async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
         """Store a message and its envelopes durably; raise QueueError if that failed."""

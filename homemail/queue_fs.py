@@ -47,12 +47,10 @@ behind ``queue/``, and after a power loss it lacks at most the last changes to m
 there, which costs what losing the journal's unsynced ``U`` and ``D`` records costs (an attempt
 repeated, an earlier retry), never a message.
 
-- A clean stop rewrites it whole, ending with ``{"end": count}`` (and ``"settled": true`` when
-  no delivery attempt was left unrecorded: then no envelope is ``recovered`` at the next start,
-  and no Maildir is searched for an earlier copy); a start that finds it so trusts it and reads
-  nothing else of ``queue/``.  That start cuts the end line off, and syncs the cut, before it
-  returns, as does a change to ``queue/`` after the stop (a delivery that outlived it), so no
-  crash or power loss leaves an index that looks clean and is not.
+- A clean stop rewrites it whole, ending with ``{"end": count}``; a start that finds it so
+  trusts it and reads nothing else of ``queue/``.  Before the first change to ``queue/`` after
+  that (at the next run, or a delivery that outlived the stop) the end line is cut off and the
+  cut synced, so no crash or power loss leaves an index that looks clean and is not.
 - Otherwise (a crash) the start lists the bucket directories only, while the daemon serves: a
   message directory the index knows with envelopes is taken from it, one whose envelopes it saw
   all done is removed, any other is read as without an index (a line never written costs a
@@ -143,7 +141,6 @@ class _Index:
     entries: dict[int, dict[int, Envelope]]  # msgid: evpid: envelope
     clean: bool  # a clean stop's, nothing after: queue/ holds exactly this
     changes: int  # "u" and "d" lines
-    settled: bool = False  # clean, and no delivery attempt was left unrecorded at that stop
 
 
 @dataclass
@@ -283,9 +280,6 @@ class FsQueue(Queue):
         if index is not None and index.clean:  # a clean stop's: queue/ is what it says
             found = [(msgid, list(envs.values())) for msgid, envs in index.entries.items() if envs]
             self._open_index(rewrite=False, clean=True)
-            # from here on deliveries are made (and a crash may come): what the end line says,
-            # that queue/ is this and no delivery is unrecorded, is no longer true
-            self._index_unclean()
         else:  # scan() reads the index, if any, and walks queue/ for the rest
             self._scanning = True
             self._open_index(rewrite=not os.path.exists(self._index_path()))
@@ -297,12 +291,8 @@ class FsQueue(Queue):
         result = self._adopt(found)
         for env in self._envelopes.values():  # ours: the caller gets copies
             copy = Envelope.from_json(env.to_json())
+            copy.recovered = True
             result.append(copy)
-        # a delivery may have been made, and not recorded, just before a crash: those are
-        # looked for first; after a stop that left none unrecorded, none is
-        settled = index is not None and index.settled
-        for env in result:
-            env.recovered = not settled
         self._open_segment(last_seq + 1)
         self._thread = threading.Thread(target=self._run, name="queue-commit", daemon=True)
         self._thread.start()
@@ -389,7 +379,6 @@ class FsQueue(Queue):
         entries: dict[int, dict[int, Envelope]] = {}
         messages = changes = 0
         end = None
-        settled = False
         try:
             head = json.loads(lines[0])
             if head.get("homemail-queue-index") not in (1, INDEX_VERSION):
@@ -397,7 +386,6 @@ class FsQueue(Queue):
             for line in lines[1:]:
                 item = json.loads(line)
                 end = item.get("end")
-                settled = item.get("settled") is True
                 if "envelopes" in item:
                     messages += 1
                     envs = [Envelope.from_json(e) for e in item["envelopes"]]
@@ -417,7 +405,7 @@ class FsQueue(Queue):
         except (ValueError, TypeError, KeyError, AttributeError, IndexError):
             return None
         clean = not torn and not changes and end == messages == head.get("count", messages)
-        return _Index(entries, clean, changes, clean and settled)
+        return _Index(entries, clean, changes)
 
     def _open_index(self, *, rewrite: bool, clean: bool = False) -> None:
         """Open queue/index for appending: a new one (header only) if ``rewrite``; else the
@@ -527,7 +515,8 @@ class FsQueue(Queue):
             items.append((msgid, [e for e in envs if e is not None]))
         return items
 
-    def _index_lines(self, items: list[tuple[int, list[Envelope]]], *, end: bool) -> bytes:
+    @staticmethod
+    def _index_lines(items: list[tuple[int, list[Envelope]]], *, end: bool) -> bytes:
         dump = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
         lines = [dump({"homemail-queue-index": INDEX_VERSION})]
         lines.extend(
@@ -535,7 +524,7 @@ class FsQueue(Queue):
             for msgid, envs in items
         )
         if end:
-            lines.append(dump({"end": len(items), **({"settled": True} if self.settled else {})}))
+            lines.append(dump({"end": len(items)}))
         return ("\n".join(lines) + "\n").encode()
 
     def _compact_index(self) -> None:

@@ -92,7 +92,6 @@ class Scheduler:
         self._timer_at = 0.0
         self._stopped: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._unrecorded = False  # an attempt's outcome could not be written to the queue
         self._stopping = False
         self.notify: Callable[[str, dict[str, object]], None] = lambda name, data: None
 
@@ -189,13 +188,6 @@ class Scheduler:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
-    @property
-    def settled(self) -> bool:
-        """After :meth:`stop`: whether every attempt made ended with its outcome in the queue
-        (none outlived the stop's wait, none failed to be written), so that no queued envelope
-        can have been delivered already: the next start need not look for earlier copies."""
-        return not self._unrecorded and not self._tasks
-
     # -- one attempt -------------------------------------------------------------------------
 
     async def _attempt(self, env: Envelope) -> None:
@@ -210,9 +202,7 @@ class Scheduler:
                 outcome = Outcome(False, False, "4.3.0", log.sanitize(f"internal error: {exc}"))
             try:
                 await self._settle(env, outcome, start)
-                env.recovered = False  # its outcome is recorded: no earlier copy to look for
             except Exception as exc:  # the queue could not record the result: try again later
-                self._unrecorded = True
                 log.event(format_id(env.evpid), "scheduler", "error", error=log.sanitize(str(exc)))
                 if env.evpid in self.envelopes:
                     env.next_try = time.time() + 60.0

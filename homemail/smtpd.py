@@ -968,7 +968,6 @@ class Daemon:
         if self._loader is not None:
             self._loader.cancel()  # the walk stops at the queue's close; no index then
         await self.scheduler.stop()
-        self.queue.settled = self.scheduler.settled
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner

@@ -678,7 +678,7 @@ async def crash_without_index(q: FsQueue, spool: str) -> None:
 
 def ends_clean(index: Path) -> bool:
     """Whether the index is as a clean stop leaves it: nothing after its end line."""
-    return re.search(rb'\n\{"end":\d+(,"settled":true)?\}\n\Z', index.read_bytes()) is not None
+    return re.search(rb'\n\{"end":\d+\}\n\Z', index.read_bytes()) is not None
 
 
 def files_state(spool: str) -> dict[int, dict[str, object]]:
@@ -1112,37 +1112,41 @@ async def test_a_message_copied_after_a_clean_start_is_found_after_a_crash(tmp_p
     await q2.close()
 
 
-async def test_the_end_line_is_cut_off_durably_by_the_start_that_trusts_it(
-    tmp_path, monkeypatch
-):
+async def test_the_end_line_is_cut_off_durably_before_queue_dir_changes(tmp_path, monkeypatch):
     from homemail import queue_fs
 
     spool = str(tmp_path)
     q, made = await materialized_queue(spool, 2)
     await q.close()
     index = tmp_path / "queue" / "index"
-    clean = index.read_bytes()
-    end_line = clean[clean.rindex(b"\n", 0, len(clean) - 1) + 1 :]
-    assert end_line.startswith(b'{"end":')
-    synced: list[int] = []
-    real_sync = queue_fs.os.fdatasync
+    clean_size = index.stat().st_size
+    q, by_id = await clean_start(spool, materialize_after=3600)
+    events: list[str] = []
+    real_sync, real_write = queue_fs.os.fdatasync, queue_fs.atomic_write
 
     def sync(fd: int) -> None:
-        synced.append(os.fstat(fd).st_size)
+        if fd == q._index_fd:
+            events.append(f"index synced at {os.fstat(fd).st_size}")
         real_sync(fd)
 
+    def write(path: str, data: bytes) -> None:
+        events.append(f"write {os.path.basename(path)}")
+        real_write(path, data)
+
     monkeypatch.setattr(queue_fs.os, "fdatasync", sync)
-    q, by_id = await clean_start(spool, materialize_after=3600)
-    assert index.read_bytes() == clean[: -len(end_line)]  # before any delivery can be made
-    assert synced == [len(clean) - len(end_line)]
-    monkeypatch.undo()
+    monkeypatch.setattr(queue_fs, "atomic_write", write)
     target = by_id[made[0][0].evpid]
     target.retry = 5
     await q.update(target)
+    end_line = len(b'{"end":%d}\n' % (len(index.read_bytes().split(b"\n")) - 4))
+    assert events[:2] == [
+        f"index synced at {clean_size - end_line}",
+        f"write {format_id(target.evpid)}.json",
+    ]
+    monkeypatch.undo()
     await crash(q)
     q2, again = restart(spool)
     assert again[target.evpid].retry == 5
-    assert all(e.recovered for e in again.values())
     await q2.close()
 
 
@@ -1250,27 +1254,3 @@ async def test_a_rewrite_that_cannot_be_done_is_not_tried_again_at_every_line(
     q2, by_id = restart(spool)
     assert by_id[target.evpid].retry == 60  # the lines kept being appended meanwhile
     await q2.close()
-
-
-# -- recovered: whether a start looks for copies delivered just before it ---------------------
-
-
-@pytest.mark.parametrize("stop", ["settled", "unsettled", "crash"])
-async def test_only_a_settled_clean_stop_starts_with_envelopes_not_recovered(tmp_path, stop):
-    spool = str(tmp_path)
-    q, made = await materialized_queue(spool, 2)
-    journal = envelopes()
-    await q.commit(b"in the journal\r\n", journal)
-    if stop == "crash":
-        await crash(q)
-    else:
-        q.settled = stop == "settled"
-        await q.close()
-    q2, by_id = restart(spool)
-    expected = {e.evpid for envs in made for e in envs} | {journal[0].evpid}
-    assert expected <= set(by_id)
-    assert {by_id[e].recovered for e in expected} == {stop != "settled"}
-    await crash(q2)  # no clean stop: the next start looks for copies again
-    q3, again = restart(spool)
-    assert all(e.recovered for e in again.values())
-    await q3.close()

@@ -8,7 +8,7 @@ import email.policy
 import time
 
 from homemail.mda import DeliveryError
-from homemail.queue import Envelope, QueueError, new_evpid, new_msgid
+from homemail.queue import Envelope, new_evpid, new_msgid
 from homemail.queue_ram import RamQueue
 from homemail.scheduler import Scheduler, next_retry
 
@@ -320,47 +320,3 @@ async def test_run_after_stop_returns_and_starts_nothing():
     h.sched.schedule([envelope()])
     await asyncio.sleep(0.05)
     assert h.attempts == []
-
-
-async def test_settled_after_a_stop_with_every_outcome_recorded():
-    h = Harness([None, DeliveryError("busy", permanent=False, status="4.2.0")], retry_base=100)
-    first, second = envelope(), envelope(recovered=True)
-    await h.add(first)
-    await h.add(second)
-    await run_until(h, lambda: len(h.attempts) == 2 and first.evpid not in h.queue.envelopes
-                    and h.queue.envelopes[second.evpid].retry == 1)
-    assert h.sched.settled
-    assert second.recovered is False  # its attempt here is recorded: no earlier copy to seek
-
-
-async def test_not_settled_when_an_outcome_could_not_be_written():
-    h = Harness([DeliveryError("busy", permanent=False, status="4.2.0")], retry_base=100)
-    env = envelope(recovered=True)
-    await h.add(env)
-
-    async def cannot_write(envelope: Envelope) -> None:
-        raise QueueError("cannot update envelope: No space left on device")
-
-    h.queue.update = cannot_write  # type: ignore[method-assign]
-    await run_until(h, lambda: len(h.attempts) == 1 and not h.sched.running)
-    assert not h.sched.settled  # the next start looks for copies of what is queued
-    assert env.recovered is True
-
-
-async def test_not_settled_when_an_attempt_outlives_the_stop():
-    h = Harness([])
-    hold = asyncio.Event()
-
-    async def hanging(env: Envelope) -> None:
-        h.attempts.append(time.time())
-        await hold.wait()
-
-    h.sched.deliver = hanging
-    await h.add(envelope())
-    task = asyncio.create_task(h.sched.run())
-    while not h.attempts:
-        await asyncio.sleep(0.01)
-    await h.sched.stop(timeout=0.1)
-    assert not h.sched.settled
-    hold.set()
-    task.cancel()
