@@ -859,10 +859,13 @@ def start_delivery_agent(hostname: str, threads: int) -> tuple[socket.socket, in
         code = 0
         try:
             ours.close()
-            # the terminal's ^C and hangups are for the daemon, which closes the channel to
-            # stop us once its deliveries are done
+            # the terminal's ^C and hangups, and a SIGTERM to the whole group (a service
+            # manager's stop), are for the daemon, which closes the channel to stop us once its
+            # deliveries are done: killed mid-delivery, a copy could be in new/ and its result
+            # lost (we die with the daemon anyway, see below)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             _die_with_parent()
             code = DeliveryAgent(theirs, hostname, threads).run()
         except BaseException:

@@ -268,3 +268,18 @@ def test_agent_expands_the_user_directory_from_the_record(tmp_path: Path) -> Non
         assert len(list((tmp_path / "Box" / "new").iterdir())) == 1
     finally:
         agent.close()
+
+
+def test_a_sigterm_to_the_whole_group_is_for_the_daemon_alone(running: Daemon) -> None:
+    """A service manager stops the process group with SIGTERM: the delivery process lets the
+    daemon drain and close the channel, rather than dying in the middle of a delivery."""
+    agent = agent_of(running)
+    os.kill(agent, signal.SIGTERM)
+    tag = token()
+    accepted_msgid(send(running, "a@example.org", [LOCAL_RCPT], message(tag)))
+    running.wait_for_message(tag.encode())
+    assert alive(agent)
+    assert children(running.proc.pid) == [agent]  # type: ignore[union-attr]
+    assert "the delivery process exited" not in running.log()
+    assert running.stop() == 0
+    assert poll(lambda: not alive(agent), 10)
