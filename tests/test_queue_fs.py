@@ -708,6 +708,15 @@ def on_disk(spool: str) -> int:
     return len(list(Path(spool, "queue").glob("*/*/message")))
 
 
+async def retried(q: FsQueue, env: Envelope, times: int, pause: float = 0.0) -> None:
+    """``times`` retries of ``env`` recorded, one index line each."""
+    for n in range(1, times + 1):
+        env.retry = n
+        await q.update(env)
+        if pause:
+            await asyncio.sleep(pause)
+
+
 def restart(spool: str) -> tuple[FsQueue, dict[int, Envelope]]:
     q = FsQueue(spool, materialize_after=3600)
     return q, {e.evpid: e for e in q.load()}
@@ -860,9 +869,7 @@ async def test_the_index_is_rewritten_whole_as_it_grows(tmp_path, monkeypatch):
     q, made = await materialized_queue(spool, 3)
     index = tmp_path / "queue" / "index"
     target = made[0][0]
-    for n in range(1, 12):
-        target.retry = n
-        await q.update(target)
+    await retried(q, target, 11)
     grown = len(index.read_bytes().splitlines())
     during = made[2][1]
     real_write = queue_fs.write_file_synced
@@ -902,9 +909,7 @@ async def test_a_rewrite_is_started_once_the_index_has_grown(tmp_path, monkeypat
     q, made = await materialized_queue(spool, 2)
     index = tmp_path / "queue" / "index"
     target = made[0][0]
-    for n in range(1, 40):
-        target.retry = n
-        await q.update(target)
+    await retried(q, target, 39)
     deadline = time.time() + 10
     while time.time() < deadline and (q._compacting or len(index.read_bytes().splitlines()) > 20):
         await asyncio.sleep(0.02)
@@ -1243,10 +1248,7 @@ async def test_a_rewrite_that_cannot_be_done_is_not_tried_again_at_every_line(
 
     monkeypatch.setattr(FsQueue, "_index_lines", staticmethod(counted))
     target = made[0][0]
-    for n in range(1, 61):
-        target.retry = n
-        await q.update(target)
-        await asyncio.sleep(0.005)  # the rewrite's thread has time to fail
+    await retried(q, target, 60, pause=0.005)  # the rewrite's thread has time to fail
     threshold = max(5, 2 * len(q._files))
     assert 1 <= len(tries) <= 60 // threshold + 1, len(tries)
     monkeypatch.undo()
