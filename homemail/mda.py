@@ -270,8 +270,15 @@ def _envelope_ids(new_dir: str, cur_dir: str) -> set[str]:
 
 def _delivered_to(new_dir: str, name: str) -> None:
     """A copy written here: the recovered deliveries' ids of that maildir get it too."""
-    if not _recovered_ids:  # (no stat on the way of every delivery)
+    if not _recovered_ids:  # (no stat on the way of every delivery, once recovery is over)
         return
+    now = time.monotonic()
+    with _recovered_lock:
+        for key in [k for k, (read_at, _) in _recovered_ids.items()
+                    if now - read_at >= RECOVERED_IDS_SECONDS]:
+            del _recovered_ids[key]  # read again if needed: forgotten when not
+        if not _recovered_ids:
+            return
     st = os.stat(new_dir)
     with _recovered_lock:
         known = _recovered_ids.get((st.st_dev, st.st_ino))

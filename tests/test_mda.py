@@ -834,3 +834,18 @@ def test_maildir_recovered_finds_its_copy_through_another_spelling_of_the_path(
     os.rename(first, seen)
     assert deliver_maildir(str(real), MESSAGE, d) == str(seen)
     assert sorted(os.listdir(real / "cur")) == [NAME + ":2,S"]
+
+
+def test_maildir_ids_read_for_a_recovery_are_let_go_once_it_is_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ids of a big mailbox are not kept (nor new/ looked at for them at every delivery)
+    for the rest of the process's life."""
+    from homemail import mda
+
+    deliver_maildir(str(tmp_path), MESSAGE, make_delivery(evpid=0x1234ABCD00000091,
+                                                          recovered=True))
+    assert mda._recovered_ids
+    monkeypatch.setattr(mda, "RECOVERED_IDS_SECONDS", 0.0)
+    deliver_maildir(str(tmp_path), MESSAGE, make_delivery())
+    assert not mda._recovered_ids
