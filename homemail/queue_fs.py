@@ -842,9 +842,7 @@ class FsQueue(Queue):
 
     def _append(self, data: bytes, *, sync: bool = False) -> None:
         """Append to the active segment (the writer thread, or a caller while it is idle)."""
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._active_fd, view) :]
+        _write_all(self._active_fd, data)
         if sync:
             os.fdatasync(self._active_fd)
         self._segments[-1].size += len(data)
