@@ -147,6 +147,8 @@ class Scheduler:
         if loop is None or self._stopping:
             return
         heap, running = self._heap, self.running
+        if self._held:
+            self._release_held()
         now = time.time()
         while heap and heap[0][0] <= now and not self.paused and len(running) < self.parallel:
             when, evpid = heapq.heappop(heap)
@@ -155,7 +157,7 @@ class Scheduler:
                 continue
             if self.per_user is not None:
                 if self._user_running[env.user] >= self.per_user:
-                    self._held.setdefault(env.user, []).append((when, evpid))
+                    heapq.heappush(self._held.setdefault(env.user, []), (when, evpid))
                     continue
                 self._user_running[env.user] += 1
             running.add(evpid)
@@ -170,6 +172,23 @@ class Scheduler:
             self._disarm()
             self._timer_at = due
             self._timer = loop.call_later(max(0.0, due - now), self._timer_due)
+
+    def _release_held(self) -> None:
+        """Put back as many of each user's held attempts, earliest first, as they have free
+        slots (releasing all at every attempt's end made a big backlog of one user's mail
+        cost the square of its size)."""
+        assert self.per_user is not None
+        for user, held in list(self._held.items()):
+            free = self.per_user - self._user_running[user]
+            while free > 0 and held:
+                when, evpid = heapq.heappop(held)
+                env = self.envelopes.get(evpid)
+                if env is None or env.next_try != when or env.paused or evpid in self.running:
+                    continue  # rescheduled, paused or done meanwhile: not held any more
+                heapq.heappush(self._heap, (when, evpid))
+                free -= 1
+            if not held:
+                del self._held[user]
 
     def _timer_due(self) -> None:
         self._timer = None
@@ -213,8 +232,6 @@ class Scheduler:
                 self._user_running[env.user] -= 1
                 if self._user_running[env.user] <= 0:
                     del self._user_running[env.user]
-                for entry in self._held.pop(env.user, []):  # their turn may have come
-                    heapq.heappush(self._heap, entry)
             try:
                 self._pump()
             except Exception as exc:  # a bug: say so; the next feed or attempt pumps again

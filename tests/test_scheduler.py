@@ -320,3 +320,30 @@ async def test_run_after_stop_returns_and_starts_nothing():
     h.sched.schedule([envelope()])
     await asyncio.sleep(0.05)
     assert h.attempts == []
+
+
+async def test_a_held_envelope_paused_meanwhile_does_not_hold_up_the_ones_behind_it():
+    """A user's held attempts go back one a free slot, earliest first; one that was paused (or
+    done) meanwhile is passed over, so that the next one still gets the slot."""
+    h = Harness([], parallel=6)
+    h.sched.per_user = 1
+    gate = asyncio.Event()
+    started: list[int] = []
+
+    async def deliver(env: Envelope) -> None:
+        started.append(env.evpid)
+        await gate.wait()
+
+    h.sched.deliver = deliver
+    envs = [envelope(user="one") for _ in range(3)]
+    for env in envs:
+        await h.add(env)
+    task = asyncio.create_task(h.sched.run())
+    await asyncio.sleep(0.1)
+    assert len(started) == 1
+    held = next(e for e in envs if e.evpid not in started)
+    held.paused = True  # as pause envelope does
+    gate.set()
+    await stop_when(h, task, lambda: len(started) == 2 and len(h.queue.envelopes) == 1)
+    assert held.evpid not in started and len(started) == 2
+    assert list(h.queue.envelopes) == [held.evpid]
