@@ -491,17 +491,24 @@ class FsQueue(Queue):
             threading.Thread(target=self._compact_index, name="queue-index", daemon=True).start()
 
     def _index_sync(self) -> None:
-        """Before a segment is released (lock held): the lines of the messages copied out of
-        it are synced, so that the index never lacks a message the journal no longer has
-        (a line lost with a power loss would cost a read; after a message id came back, a
-        done message's lines would speak for the new one)."""
-        if self._index_fd < 0 or not self._index_dirty:
-            return
+        """Before a segment is released (the writer thread): the lines of the messages copied
+        out of it are synced, so that the index never lacks a message the journal no longer
+        has (a line lost with a power loss would cost a read; after a message id came back, a
+        done message's lines would speak for the new one).  The sync runs on a duplicate of
+        the fd, unlocked (the loop's updates take the lock); a rewrite that swaps the file
+        meanwhile has synced the new one whole."""
+        with self._lock:
+            if self._index_fd < 0 or not self._index_dirty:
+                return
+            fd = os.dup(self._index_fd)
+            self._index_dirty = False
         try:
-            os.fdatasync(self._index_fd)
+            os.fdatasync(fd)
         except OSError as exc:
-            self._drop_index(exc)
-        self._index_dirty = False
+            with self._lock:
+                self._drop_index(exc)
+        finally:
+            os.close(fd)
 
     def _index_items(self) -> list[tuple[int, list[Envelope]]] | None:
         """queue/'s messages and their envelopes (lock held); None if one is not known."""
@@ -910,8 +917,7 @@ class FsQueue(Queue):
                             self._copy_failed.pop(msgid, None)
                     if waiting:
                         return False  # this segment stays; a later pass tries again
-                with self._lock:  # what was copied out of it is in the index for good
-                    self._index_sync()
+                self._index_sync()  # what was copied out of it is in the index for good
                 if oldest.corrupt:  # kept for whoever looks into what it lost
                     os.replace(oldest.path, oldest.path + ".corrupt")
                 else:

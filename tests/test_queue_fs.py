@@ -1164,8 +1164,10 @@ async def test_a_segment_goes_only_once_the_lines_of_its_copies_are_synced(tmp_p
     events: list[str] = []
     real_sync, real_unlink = queue_fs.os.fdatasync, queue_fs.os.unlink
 
+    index = tmp_path / "queue" / "index"
+
     def sync(fd: int) -> None:
-        if fd == q._index_fd:
+        if os.fstat(fd).st_ino == index.stat().st_ino:
             events.append("index synced")
         real_sync(fd)
 
