@@ -122,6 +122,8 @@ class QueueError(Exception):
 class Queue(ABC):
     """Where accepted mail lives until every envelope is delivered, bounced or removed."""
 
+    walk_reads = 0  # after scan(): the messages it had to read from disk (see queue_fs)
+
     @abstractmethod
     async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
         """Store a message and its envelopes durably; raise QueueError if that failed."""

@@ -229,7 +229,6 @@ class FsQueue(Queue):
         self._scanning = False  # queue/ not yet walked: ids on disk are not all known
         # queue/index: appended to under _lock; rewritten whole under _index_write_lock
         self._index_fd = -1
-        self._index_size = 0
         self._index_clean_end = -1  # where a clean stop's end line starts, while it is there
         self._index_dirty = False  # lines appended since the last sync
         self._index_appended = 0  # lines since it was last written whole
@@ -432,7 +431,6 @@ class FsQueue(Queue):
             if whole != size:
                 os.ftruncate(fd, whole)
                 os.fdatasync(fd)
-            self._index_size = whole
             if clean:
                 self._index_clean_end = _after_last_line(fd, whole - 1)
         except OSError as exc:
@@ -464,7 +462,6 @@ class FsQueue(Queue):
         except OSError as exc:
             self._drop_index(exc)
             return
-        self._index_size = self._index_clean_end
         self._index_clean_end = -1
 
     def _index_append(self, item: dict[str, Any]) -> None:
@@ -478,7 +475,6 @@ class FsQueue(Queue):
         except OSError as exc:
             self._drop_index(exc)
             return
-        self._index_size += len(line)
         self._index_dirty = True
         self._index_appended += 1
         if (
@@ -543,8 +539,10 @@ class FsQueue(Queue):
         try:
             with self._index_write_lock:
                 with self._lock:
-                    items = None if self._index_fd < 0 else self._index_items()
-                    mark = self._index_size
+                    if self._index_fd < 0:
+                        return
+                    items = self._index_items()
+                    mark = os.fstat(self._index_fd).st_size
                 if items is None or self._closing:
                     return
                 # the envelopes are the scheduler's: one changed meanwhile has its line after mark
@@ -573,7 +571,6 @@ class FsQueue(Queue):
                         raise
                     os.close(self._index_fd)
                     self._index_fd = fd
-                    self._index_size = len(data) + len(tail)
                     self._index_dirty = False
                     self._index_appended = tail.count(b"\n")
                     done = True

@@ -837,7 +837,7 @@ class Daemon:
                 "loaded",
                 envelopes=loaded,
                 queued=len(self.scheduler.envelopes),
-                read=getattr(self.queue, "walk_reads", loaded),
+                read=self.queue.walk_reads,
                 seconds=f"{time.monotonic() - started:.1f}",
             )
 
