@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import pwd
 import resource
@@ -42,6 +43,7 @@ SHIM = PEERS / "listen_backlog.so"
 OPENSMTPD_SPOOL = Path("/var/spool/smtpd")
 OPENSMTPD_SOCKET = Path("/var/run/smtpd.sock")
 OPENSMTPD_LIBEXEC = Path("/usr/libexec/opensmtpd")
+OPENSMTPD_LOCK = Path("/var/lib/opensmtpd/.homemail-bench.lock")  # see OpenSMTPD._take_lock
 DNS_STUB_ADDRESS = "127.53.53.53"
 MAILBOX_USER = "hmbench"  # owner of the peers' Maildirs (they never deliver as root)
 SENDER = "bench@localhost"
@@ -115,6 +117,34 @@ def tree_pids(root: int) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
+
+
+def kill_leftovers(pids: list[int], workdir: str) -> None:
+    """SIGKILL what is left of a stopped server: the given descendants, and any process whose
+    command line names its directory (a helper forked after the list was taken), so that
+    nothing writes into the directory while it is removed."""
+    mine = set(pids)
+    marker = workdir.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker in f.read():
+                    mine.add(int(entry))
+        except OSError:
+            continue
+    for pid in mine:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+    def alive(pid: int) -> bool:
+        fields = _stat(pid)
+        return fields is not None and fields[0] != "Z"
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(pid) for pid in mine):
+        time.sleep(0.02)
 
 
 def tree_cpu(root: int) -> float:
@@ -237,6 +267,9 @@ class Server:
         return " | ".join(lines[-n:])
 
     def stop(self) -> None:
+        # the server's descendants, including those in sessions of their own (OpenSMTPD's
+        # delivery helpers), which the process group's SIGKILL below does not reach
+        tree = tree_pids(self.proc.pid) if self.proc is not None else []
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
@@ -250,6 +283,7 @@ class Server:
             # leftovers of the session (Postfix children finishing after master): end them
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+            kill_leftovers(tree[1:], self.workdir)
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
@@ -336,6 +370,7 @@ class OpenSMTPD(Server):
         self.label = "OpenSMTPD (backlog 5)" if stock else "OpenSMTPD (backlog 128)"
         self.config = os.path.join(workdir, "smtpd.conf")
         self.resolv = os.path.join(workdir, "resolv.conf")
+        self._lock_fd = -1
 
     @staticmethod
     def check_system() -> None:
@@ -355,14 +390,22 @@ class OpenSMTPD(Server):
 
     def prepare(self) -> None:
         self.check_system()
+        self._take_lock()
         # the queue path is compiled in: start from an empty one, as the benchmark owns it
         if OPENSMTPD_SPOOL.exists():
             shutil.rmtree(OPENSMTPD_SPOOL)
         with contextlib.suppress(FileNotFoundError):
             OPENSMTPD_SOCKET.unlink()
-        if not (OPENSMTPD_LIBEXEC / "mail.maildir").exists():
+        helper = OPENSMTPD_LIBEXEC / "mail.maildir"
+        if not helper.exists():
             # the maildir action runs /usr/libexec/opensmtpd/mail.maildir (compiled in)
             raise BenchError(f"{OPENSMTPD_LIBEXEC} is missing: run bench/setup_peers.sh as root")
+        for parent in helper.resolve().parents:  # it runs as MAILBOX_USER
+            if not os.stat(parent).st_mode & 0o001:
+                raise BenchError(
+                    f"{helper} lies under {parent}, which {MAILBOX_USER} cannot enter: "
+                    "run bench/setup_peers.sh again (it copies the helpers there)"
+                )
         _own_maildir(self.maildir)
         os.chmod(self.workdir, 0o755)
         with open(self.config, "w") as f:
@@ -402,12 +445,31 @@ class OpenSMTPD(Server):
             env["LISTEN_BACKLOG_MIN"] = "128"
         return env
 
+    def _take_lock(self) -> None:
+        """OpenSMTPD's queue and socket are the machine's, not the checkout's: one benchmark
+        at a time runs it (held until stop)."""
+        if self._lock_fd >= 0:
+            return
+        fd = os.open(OPENSMTPD_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BenchError(
+                f"another benchmark is running OpenSMTPD ({OPENSMTPD_LOCK} is locked): its "
+                f"queue {OPENSMTPD_SPOOL} is compiled in, so wait for it to end"
+            ) from None
+        self._lock_fd = fd
+
     def stop(self) -> None:
         super().stop()
         with contextlib.suppress(FileNotFoundError):
             OPENSMTPD_SOCKET.unlink()
         if OPENSMTPD_SPOOL.exists():
             shutil.rmtree(OPENSMTPD_SPOOL, ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 MASTER_CF = """\

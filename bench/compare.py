@@ -30,6 +30,7 @@ connection per session, smtp-source -d).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -286,7 +287,12 @@ def main() -> int:
     parser.add_argument("--sessions", help="comma-separated session counts (default 1,20,100)")
     parser.add_argument("--sizes", help="comma-separated sizes (default 4k,100k)")
     parser.add_argument("--modes", help="comma-separated: new,reuse (default both)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per cell and server (>= 3)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="runs per cell and server (default 3; fewer is a smoke test, and the output says so)",
+    )
     parser.add_argument("--messages", type=int, help="messages per run (default by sessions)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the default counts")
     parser.add_argument(
@@ -300,7 +306,10 @@ def main() -> int:
         help="cells where stock OpenSMTPD (backlog 5) runs ('all' or a list; default %(default)s)",
     )
     parser.add_argument(
-        "--stock-messages", type=int, default=0, help="messages per stock run (default 5×sessions)"
+        "--stock-messages",
+        type=int,
+        default=0,
+        help="messages per stock run (default 5×sessions, at least 20 and at most 300)",
     )
     parser.add_argument("--client", choices=("smtp-source", "python"), default="smtp-source")
     parser.add_argument("--keep", action="store_true", help="keep each run's directory")
@@ -353,12 +362,24 @@ def main() -> int:
         return max(cell.sessions, int(base * args.scale))
 
     started = time.time()
+    shown_servers = [
+        s
+        for s in servers
+        if s != "opensmtpd-stock" or stock_cells is None or any(c.key in stock_cells for c in cells)
+    ]
+    loop = ""
+    if "homemail" in servers:  # the daemon runs from this interpreter's environment
+        uvloop = importlib.util.find_spec("uvloop") is not None
+        chosen = "uvloop" if uvloop and os.environ.get("HOMEMAIL_LOOP") != "asyncio" else "asyncio"
+        loop = f"; homemail's event loop {chosen}"
     print(
-        f"# {len(cells)} cells × {args.runs} runs × {servers}; client {args.client}; "
+        f"# {len(cells)} cells × {args.runs} runs × {shown_servers}; client {args.client}; "
         f"{platform.node()} {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; "
-        f"load average {os.getloadavg()[0]:.2f}",
+        f"load average {os.getloadavg()[0]:.2f}{loop}",
         flush=True,
     )
+    if args.runs < 3:
+        print("# fewer than 3 runs a cell: a smoke test, not a comparison", flush=True)
     dns = DnsStub() if any(s.startswith("opensmtpd") for s in servers) else None
     summaries: dict[tuple[str, str], Summary] = {}
     hung: set[tuple[str, int]] = set()
@@ -398,6 +419,8 @@ def main() -> int:
         if dns is not None:
             dns.stop()
     table_md = render(cells, summaries, servers)
+    if args.runs < 3:
+        table_md += "\n\nFewer than 3 runs a cell: a smoke test, not a comparison."
     verdicts = check_targets(cells, summaries)
     if verdicts:
         table_md += "\n\nTargets:\n\n" + "\n".join(f"- {v}" for v in verdicts)

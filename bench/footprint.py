@@ -14,10 +14,11 @@ beside it, its RSS summed (which counts the pages the fork shares once per proce
 * memory with 1,000 idle connections: 1,000 clients connected, banner read and EHLO answered,
   then left idle; every connection is checked to be still open (NOOP → 250) afterwards;
 * startup with N queued envelopes (default 100,000): the spool is filled over SMTP with mda
-  paused (``homemailctl pause mda``), the envelopes are paused on disk (``pause envelope all``)
-  so nothing is delivered after the restart, the daemon waits until they have moved from the
-  journal into ``queue/`` (as a queue does after a minute or two), it is stopped and started
-  again, and the seconds until the port accepts and until the log says ``smtpd ready`` are
+  paused (``homemailctl pause mda``), the daemon waits until they have moved from the journal
+  into ``queue/`` (as a queue does after a minute or two; a line every 30 s says how many
+  have), it is stopped and started again, ``pause mda`` is sent as soon as the port accepts
+  (a few envelopes may be delivered before it takes effect: the table counts them), and the
+  seconds until the port accepts and until the log says ``smtpd ready`` are
   taken; then once more after a kill -9, which leaves ``queue/index`` without a clean stop's
   end (see homemail/queue_fs.py), until ``smtpd ready`` and until ``queue/`` is loaded (its
   bucket directories listed against the index; ``--cold`` drops the page cache first, as root);
@@ -247,10 +248,14 @@ def settle_queue(server: Homemail, messages: int, timeout: float = 900) -> float
     """Wait until the messages have left the journal for queue/; the seconds it took."""
     t0 = time.perf_counter()
     queue_dir = Path(server.spool) / "queue"
+    said = t0
     while time.perf_counter() - t0 < timeout:
         moved = sum(1 for _ in queue_dir.glob("*/*/message"))
         if moved >= messages:
             return time.perf_counter() - t0
+        if time.perf_counter() - said >= 30:  # the move takes minutes: not a hang
+            said = time.perf_counter()
+            print(f"  {moved} of {messages} messages in queue/ after {said - t0:.0f} s", flush=True)
         time.sleep(2)
     raise BenchError(f"only {moved} of {messages} messages reached queue/ in {timeout:.0f} s")
 

@@ -61,9 +61,17 @@ def build(spool: str, count: int) -> None:
             continue
         os.makedirs(msgdir)
         env = Envelope(
-            evpid=new_evpid(msgid), sender="a@example.org", rcpt="u@localhost",
-            dest="u@localhost", user="u", action="local", ctime=now, expire=now + 86400,
-            src="127.0.0.1", helo="client.example.org", paused=True,
+            evpid=new_evpid(msgid),
+            sender="a@example.org",
+            rcpt="u@localhost",
+            dest="u@localhost",
+            user="u",
+            action="local",
+            ctime=now,
+            expire=now + 86400,
+            src="127.0.0.1",
+            helo="client.example.org",
+            paused=True,
         )
         with open(os.path.join(msgdir, "message"), "wb") as f:
             f.write(body)
@@ -79,7 +87,9 @@ def start(spool: str, cold: bool) -> tuple[float, int, int]:
             f.write("3\n")
     out = subprocess.run(
         [sys.executable, "-c", START.format(root=ROOT, spool=spool)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     return float(out[0]), int(out[1]), int(out[2])
 
@@ -106,15 +116,20 @@ def main() -> int:
                     os.unlink(index)  # the walk writes it anew, for the start with it
                 seconds, loaded, reads = start(spool, args.cold)
                 results[label].append(seconds)
-                print(f"run {run + 1}, {label}: {seconds:.2f} s, {loaded} loaded, "
-                      f"{reads} message directories read", flush=True)
+                print(
+                    f"run {run + 1}, {label}: {seconds:.2f} s, {loaded} loaded, "
+                    f"{reads} message directories read",
+                    flush=True,
+                )
         cache = "cold" if args.cold else "warm"
         what = f"start after a crash, {args.messages} messages, {cache} cache"
         print(f"\n| {what} | median | min–max |")
         print("|---|---|---|")
         for label, values in results.items():
-            print(f"| {label} | {statistics.median(values):.2f} s | "
-                  f"{min(values):.2f}–{max(values):.2f} s |")
+            print(
+                f"| {label} | {statistics.median(values):.2f} s | "
+                f"{min(values):.2f}–{max(values):.2f} s |"
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0

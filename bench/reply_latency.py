@@ -5,13 +5,16 @@ its 250, and QUIT, each the median / mean / 90th percentile over N messages of 4
 against any server on a loopback port (start one with compare.py's classes, or by hand):
 
     .venv/bin/python bench/reply_latency.py PORT [N] [RCPT]
+
+RCPT defaults to bench@localhost, which the servers compare.py starts accept (an alias); against
+the embedded user-mode configuration give one it knows, such as "$USER@localhost".
 """
 
 from __future__ import annotations
 
+import argparse
 import socket
 import statistics
-import sys
 import time
 
 STEPS = ("connect", "helo", "mail", "rcpt", "data", "message", "quit")
@@ -31,9 +34,18 @@ def reply(sock: socket.socket) -> bytes:
 
 
 def main() -> int:
-    port = int(sys.argv[1])
-    count = int(sys.argv[2]) if len(sys.argv) > 2 else 500
-    rcpt = sys.argv[3] if len(sys.argv) > 3 else "bench@localhost"
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("port", type=int, help="the server's port on 127.0.0.1")
+    parser.add_argument("count", type=int, nargs="?", default=500, help="messages (default 500)")
+    parser.add_argument(
+        "rcpt", nargs="?", default="bench@localhost", help="recipient (default bench@localhost)"
+    )
+    args = parser.parse_args()
+    port, count, rcpt = args.port, args.count, args.rcpt
+    if count < 1:
+        parser.error("count must be at least 1")
     body = b"From: <a@localhost>\r\nTo: <%s>\r\nSubject: latency\r\n\r\n" % rcpt.encode()
     body += (b"x" * 78 + b"\r\n") * 51 + b".\r\n"
     commands = [

@@ -16,9 +16,13 @@
 #   /var/lib/opensmtpd/empty    the chroot of its unprivileged processes (an empty directory)
 #   /var/run/smtpd.sock         its control socket (created and removed by smtpd)
 #   /usr/libexec/opensmtpd      its delivery helpers (the `maildir` action runs
-#                               /usr/libexec/opensmtpd/mail.maildir): a symlink to the unpacked ones
-# These are made only while no system OpenSMTPD is installed; `sh bench/setup_peers.sh --remove`
-# takes them away again, with the users and bench/.peers.
+#                               /usr/libexec/opensmtpd/mail.maildir): a root-owned copy of the
+#                               unpacked ones, marked .homemail-bench, so that the helpers run
+#                               as hmbench wherever the checkout is (a 0700 /root included) and
+#                               whichever checkout set it up
+# These are made only while no system OpenSMTPD is installed, and are shared by every checkout
+# on the machine (run one benchmark with OpenSMTPD at a time: compare.py takes a lock);
+# `sh bench/setup_peers.sh --remove` takes them away again, with the users and bench/.peers.
 set -eu
 
 BENCH=$(cd "$(dirname "$0")" && pwd)
@@ -31,6 +35,7 @@ fi
 
 if [ "${1:-}" = "--remove" ]; then
     if [ -L /usr/libexec/opensmtpd ]; then rm -f /usr/libexec/opensmtpd; fi
+    if [ -f /usr/libexec/opensmtpd/.homemail-bench ]; then rm -rf /usr/libexec/opensmtpd; fi
     if ! dpkg-query -W -f '${Status}' opensmtpd 2>/dev/null | grep -q 'install ok installed'; then
         rm -rf /var/spool/smtpd /var/lib/opensmtpd
         rm -f /var/run/smtpd.sock
@@ -123,8 +128,15 @@ chown hmbench:hmbench /var/lib/hmbench
 # OpenSMTPD's compiled-in chroot (it refuses to start without it) and helper directory.
 mkdir -p /var/lib/opensmtpd/empty
 chmod 0755 /var/lib/opensmtpd /var/lib/opensmtpd/empty
-if [ -L /usr/libexec/opensmtpd ] || [ ! -e /usr/libexec/opensmtpd ]; then
-    ln -sfn "$PEERS/opensmtpd/usr/libexec/opensmtpd" /usr/libexec/opensmtpd
+# A copy, not a link into the checkout: the helpers run as hmbench, which may not be able to
+# reach a checkout under a private directory, and the checkout may go away.
+if [ -L /usr/libexec/opensmtpd ] || [ ! -e /usr/libexec/opensmtpd ] || \
+   [ -f /usr/libexec/opensmtpd/.homemail-bench ]; then
+    rm -rf /usr/libexec/opensmtpd
+    cp -a "$PEERS/opensmtpd/usr/libexec/opensmtpd" /usr/libexec/opensmtpd  # as dpkg -x made it
+    touch /usr/libexec/opensmtpd/.homemail-bench
+else
+    echo "setup_peers.sh: /usr/libexec/opensmtpd exists and is not ours; leaving it" >&2
 fi
 
 # The backlog shim.

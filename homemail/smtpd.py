@@ -1042,7 +1042,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--user-mode",
         action="store_true",
-        help="run as a single process with the caller's rights, even as root",
+        help="run in user mode (no privilege separation: every process keeps the "
+        "caller's rights), even as root",
     )
     run.add_argument(
         "--user",
