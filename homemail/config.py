@@ -393,6 +393,15 @@ def _is_control(char: str) -> bool:
     return code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0
 
 
+def _continues(rest: str) -> bool:
+    """Whether the rest of a line that failed ends with a '\\' (blanks and control characters
+    after it are passed over: one of those may be the error)."""
+    end = len(rest)
+    while end and (rest[end - 1] in _SPACE or _is_control(rest[end - 1])):
+        end -= 1
+    return rest[:end].endswith("\\")
+
+
 def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location, ConfigError | None]]:
     """Yield each statement's tokens, the location of its end, and the error that makes it
     unreadable (or None).  After such an error the rest of its line is skipped and the
@@ -406,7 +415,15 @@ def _lex(text: str, file: str) -> Iterator[tuple[list[_Token], Location, ConfigE
     error: ConfigError | None = None
 
     def to_newline(start: int) -> int:
+        """The end of the line, or of the last line it continues with a trailing '\\' (an
+        error ends the statement: what it continued into is not read as a new one)."""
+        nonlocal line
+        start = text.rfind("\n", 0, start) + 1  # the whole line: the '\\' may come before
         end = text.find("\n", start)
+        while end >= 0 and _continues(text[start:end]):
+            line += 1
+            start = end + 1
+            end = text.find("\n", start)
         return n if end < 0 else end
 
     def blank_to_newline(start: int) -> int:

@@ -436,6 +436,23 @@ def test_a_lex_error_ends_its_line_and_reading_goes_on() -> None:
     ]
 
 
+def test_a_lex_error_on_a_continued_line_ends_the_whole_statement() -> None:
+    # the lines a failed line continues with '\' (even with the bad character after the '\')
+    # belong to its statement: they are not read as statements of their own
+    err = fail(
+        "listen on localhost \\\x01\n"
+        "  port 2600 \\\n"
+        "  tag x\n"
+        'x = "a\x01" \\\n'
+        "  more\n" + MINIMAL + "lisen on localhost\n"
+    )
+    assert [(e.location, e.message) for e in err.errors] == [
+        (loc(1, 22), "unexpected control character U+0001"),
+        (loc(4, 7), "control character U+0001 in a quoted string"),
+        (loc(6 + MINIMAL.count("\n"), 1), "unknown keyword 'lisen'"),
+    ]
+
+
 def test_errors_of_included_files_in_reading_order(tmp_path: Path) -> None:
     inc = tmp_path / "inc.conf"
     inc.write_text("lisen on localhost\nqueue ttl soon\n")
