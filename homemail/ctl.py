@@ -784,7 +784,10 @@ def run(opts: Options, cmd: Command) -> int:
         return mailq(opts.socket, as_json=opts.json)
     if verb == "newaliases":
         return newaliases(opts.socket, as_json=opts.json)
-    with ControlClient(opts.socket) as client:
+    # a verb on many envelopes takes a disk sync each: with a big queue, longer than the usual
+    # limit (the daemon answers when it is done; ^C stops the waiting, not the work)
+    bulk = verb in ("remove", "pause envelope", "resume envelope")
+    with ControlClient(opts.socket, timeout=None if bulk else CALL_TIMEOUT) as client:
         if verb == "show queue":
             return show_queue(client, as_json=opts.json)
         if verb == "show message":
