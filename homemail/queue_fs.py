@@ -262,6 +262,8 @@ class FsQueue(Queue):
         self._lock_spool()
         for entry in os.listdir(self.incoming_dir):  # moves cut short by a crash
             shutil.rmtree(os.path.join(self.incoming_dir, entry), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # a rewrite of the index cut short
+            os.unlink(self._index_path() + ".tmp")
 
         names = sorted(n for n in os.listdir(self.journal_dir) if n.endswith(".log"))
         last_seq = 0
@@ -271,7 +273,11 @@ class FsQueue(Queue):
             except ValueError:
                 continue
             last_seq = max(last_seq, seq)
-            seg = _Segment(seq, os.path.join(self.journal_dir, name), sealed_at=time.time())
+            path = os.path.join(self.journal_dir, name)
+            # sealed when last written (a segment takes no appends once sealed), not now: else
+            # a daemon restarted every minute would never copy anything out of its journal
+            sealed_at = min(time.time(), os.stat(path).st_mtime)
+            seg = _Segment(seq, path, sealed_at=sealed_at)
             self._replay(seg)
             self._segments.append(seg)
 

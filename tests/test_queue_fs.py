@@ -283,6 +283,36 @@ async def test_remove_many_forgets_envelopes_in_the_journal_and_in_queue_dir(tmp
     assert q.read_message(moved[1][1].msgid) == b"moved 1\r\n"
     await q.close()
 
+async def test_a_restart_does_not_make_old_segments_young_again(tmp_path):
+    # a segment's age counts from its last write: a daemon restarted more often than
+    # materialize_after still copies old messages out of its journal
+    spool = str(tmp_path)
+    q = FsQueue(spool, segment_max_age=0.0, materialize_after=3600)
+    q.load()
+    old = envelopes()
+    await q.commit(b"old\r\n", old)
+    q, _ = await reopen(q, spool, segment_max_age=0.0, materialize_after=3600)
+    await q.close()
+    past = time.time() - 600
+    for seg in (tmp_path / "journal").glob("*.log"):
+        os.utime(seg, (past, past))
+    q = FsQueue(spool, segment_max_age=0.0, materialize_after=300)
+    assert {e.evpid for e in q.load()} == {old[0].evpid}
+    await q.commit(b"new\r\n", envelopes())  # young: stays in the journal
+    await wait_for(lambda: copied_into_queue_dir(tmp_path) == 1, "the copy of the old message")
+    assert q._messages[old[0].msgid].segment is None
+    await q.close()
+
+async def test_a_rewrite_of_the_index_cut_short_leaves_nothing_behind(tmp_path):
+    q = FsQueue(str(tmp_path))
+    q.load()
+    await crash(q)
+    (tmp_path / "queue" / "index.tmp").write_bytes(b'{"homemail-queue-index":2}\n{"msgid"')
+    q = FsQueue(str(tmp_path))
+    q.load()
+    assert not (tmp_path / "queue" / "index.tmp").exists()
+    await q.close()
+
 def copied_into_queue_dir(spool: Path) -> int:
     return len(list((spool / "queue").rglob("message")))
 
