@@ -119,16 +119,37 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def kill_leftovers(pids: list[int], workdir: str) -> None:
-    """SIGKILL what is left of a stopped server: the given descendants, and any process whose
-    command line names its directory (a helper forked after the list was taken), so that
-    nothing writes into the directory while it is removed."""
-    mine = set(pids)
+def _started(pid: int) -> str | None:
+    fields = _stat(pid)
+    return fields[19] if fields is not None else None  # starttime: stat(5) field 22
+
+
+def tree_members(root: int) -> dict[int, str | None]:
+    """root's descendants with their start times (which tell a reused pid apart)."""
+    return {pid: _started(pid) for pid in tree_pids(root)[1:]}
+
+
+def kill_leftovers(members: dict[int, str | None], workdir: str) -> None:
+    """SIGKILL what is left of a stopped server: its descendants as they were (the same start
+    time), and the processes of the benchmark's users whose command line names its directory
+    (a helper forked after the list was taken), so that nothing writes into the directory
+    while it is removed.  Nobody else's process is touched."""
+    mine = {pid for pid, started in members.items() if started and _started(pid) == started}
+    users = set()
+    for name in (MAILBOX_USER, "opensmtpd", "opensmtpq", "postfix"):
+        with contextlib.suppress(KeyError):
+            users.add(pwd.getpwnam(name).pw_uid)
     marker = workdir.encode()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit():
             continue
         try:
+            # the status file's Uid line: /proc/PID itself is root's once a process has
+            # changed its user (not dumpable any more)
+            with open(f"/proc/{entry}/status", "rb") as f:
+                uid = next((line.split()[2] for line in f if line.startswith(b"Uid:")), b"-1")
+            if int(uid) not in users:
+                continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 if marker in f.read():
                     mine.add(int(entry))
@@ -269,7 +290,7 @@ class Server:
     def stop(self) -> None:
         # the server's descendants, including those in sessions of their own (OpenSMTPD's
         # delivery helpers), which the process group's SIGKILL below does not reach
-        tree = tree_pids(self.proc.pid) if self.proc is not None else []
+        tree = tree_members(self.proc.pid) if self.proc is not None else {}
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
@@ -283,7 +304,7 @@ class Server:
             # leftovers of the session (Postfix children finishing after master): end them
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            kill_leftovers(tree[1:], self.workdir)
+            kill_leftovers(tree, self.workdir)
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
@@ -450,7 +471,12 @@ class OpenSMTPD(Server):
         at a time runs it (held until stop)."""
         if self._lock_fd >= 0:
             return
-        fd = os.open(OPENSMTPD_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(OPENSMTPD_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise BenchError(
+                f"{OPENSMTPD_LOCK.parent} is missing: run bench/setup_peers.sh as root"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -463,13 +489,14 @@ class OpenSMTPD(Server):
 
     def stop(self) -> None:
         super().stop()
+        if self._lock_fd < 0:  # never ours (another benchmark holds them): leave them be
+            return
         with contextlib.suppress(FileNotFoundError):
             OPENSMTPD_SOCKET.unlink()
         if OPENSMTPD_SPOOL.exists():
             shutil.rmtree(OPENSMTPD_SPOOL, ignore_errors=True)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        os.close(self._lock_fd)
+        self._lock_fd = -1
 
 
 MASTER_CF = """\

@@ -35,8 +35,9 @@ fi
 
 if [ "${1:-}" = "--remove" ]; then
     if [ -L /usr/libexec/opensmtpd ]; then rm -f /usr/libexec/opensmtpd; fi
-    if [ -f /usr/libexec/opensmtpd/.homemail-bench ]; then rm -rf /usr/libexec/opensmtpd; fi
     if ! dpkg-query -W -f '${Status}' opensmtpd 2>/dev/null | grep -q 'install ok installed'; then
+        # ours only while no package owns the path (one installed since may have filled it)
+        if [ -f /usr/libexec/opensmtpd/.homemail-bench ]; then rm -rf /usr/libexec/opensmtpd; fi
         rm -rf /var/spool/smtpd /var/lib/opensmtpd
         rm -f /var/run/smtpd.sock
         for u in opensmtpd opensmtpq; do
@@ -132,9 +133,12 @@ chmod 0755 /var/lib/opensmtpd /var/lib/opensmtpd/empty
 # reach a checkout under a private directory, and the checkout may go away.
 if [ -L /usr/libexec/opensmtpd ] || [ ! -e /usr/libexec/opensmtpd ] || \
    [ -f /usr/libexec/opensmtpd/.homemail-bench ]; then
+    # copied whole and marked beside it, then put in place: never a half copy without its mark
+    rm -rf /usr/libexec/.opensmtpd.bench-new
+    cp -a "$PEERS/opensmtpd/usr/libexec/opensmtpd" /usr/libexec/.opensmtpd.bench-new  # as dpkg -x
+    touch /usr/libexec/.opensmtpd.bench-new/.homemail-bench
     rm -rf /usr/libexec/opensmtpd
-    cp -a "$PEERS/opensmtpd/usr/libexec/opensmtpd" /usr/libexec/opensmtpd  # as dpkg -x made it
-    touch /usr/libexec/opensmtpd/.homemail-bench
+    mv /usr/libexec/.opensmtpd.bench-new /usr/libexec/opensmtpd
 else
     echo "setup_peers.sh: /usr/libexec/opensmtpd exists and is not ours; leaving it" >&2
 fi

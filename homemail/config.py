@@ -394,8 +394,18 @@ def _is_control(char: str) -> bool:
 
 
 def _continues(rest: str) -> bool:
-    """Whether the rest of a line that failed ends with a '\\' (blanks and control characters
-    after it are passed over: one of those may be the error)."""
+    """Whether a line that failed ends with a '\\' (blanks and control characters after it
+    are passed over: one of those may be the error).  A comment never continues."""
+    quoted = escaped = False
+    for ch in rest:
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "#" and not quoted:
+            return False
     end = len(rest)
     while end and (rest[end - 1] in _SPACE or _is_control(rest[end - 1])):
         end -= 1

@@ -40,7 +40,6 @@ MAX_CONNECTIONS_PER_UID = 32
 MAX_CONNECTIONS_PRIVILEGED = 256
 CHUNK_ENVELOPES = 100  # ~40 KiB of JSON: under the 64 KiB frame limit
 CHUNK_BYTES = 32 * 1024
-BULK = 1000  # envelopes one queue write of "pause envelope all" or "remove all" takes
 IDLE_TIMEOUT = 300.0
 MAX_UNREAD = 8 << 20  # bytes of replies a client may leave unread before it is dropped
 
@@ -505,9 +504,8 @@ async def _schedule(c: ControlConnection, req: Request) -> None:
 async def _remove(c: ControlConnection, req: Request) -> None:
     envs = c.find(proto.arg_str(req, "id"))
     count = 0
-    for start in range(0, len(envs), BULK):
-        part = [env.evpid for env in envs[start : start + BULK]]
-        for env in await c.daemon.scheduler.remove_many(part):
+    for env in envs:
+        if await c.daemon.scheduler.remove(env.evpid):
             count += 1
             log.event(
                 format_id(env.evpid),
@@ -524,14 +522,15 @@ async def _remove(c: ControlConnection, req: Request) -> None:
 async def _pause_envelope(c: ControlConnection, req: Request) -> None:
     pause = req.verb.startswith("pause")
     envs = c.find(proto.arg_str(req, "id"))
-    changed = [env for env in envs if env.paused != pause]  # the others have nothing to write
-    for start in range(0, len(changed), BULK):  # in slices: the loop serves others meanwhile
-        part = changed[start : start + BULK]
-        for env in part:
+    for env in envs:
+        if env.paused != pause:  # one already so costs no write (a sync, in queue/)
             env.paused = pause
-        await c.daemon.queue.update_many(part)
-    if not pause:
-        for env in envs:
+            try:
+                await c.daemon.queue.update(env)
+            except BaseException:
+                env.paused = not pause  # as on disk: "all" again retries it
+                raise
+        if not pause:
             c.daemon.scheduler.schedule_now(env.evpid)
     c.send(proto.reply_ok(req.id, {"count": len(envs)}))
 

@@ -321,6 +321,10 @@ class ControlClient:
         assert self.sock is not None
         return self.sock
 
+    def wait_long(self) -> None:
+        """Connect (within the usual limit), then wait for replies however long they take."""
+        self._conn().settimeout(None)
+
     def _send(self, verb: str, args: dict[str, Any]) -> int:
         ident = self._next_id
         self._next_id += 1
@@ -784,10 +788,11 @@ def run(opts: Options, cmd: Command) -> int:
         return mailq(opts.socket, as_json=opts.json)
     if verb == "newaliases":
         return newaliases(opts.socket, as_json=opts.json)
-    # a verb on many envelopes takes a disk sync each: with a big queue, longer than the usual
-    # limit (the daemon answers when it is done; ^C stops the waiting, not the work)
-    bulk = verb in ("remove", "pause envelope", "resume envelope")
-    with ControlClient(opts.socket, timeout=None if bulk else CALL_TIMEOUT) as client:
+    with ControlClient(opts.socket) as client:
+        if verb in ("remove", "pause envelope", "resume envelope"):
+            # a disk sync an envelope in queue/: "all" on a big queue outlasts the usual limit
+            # (the daemon answers when it is done; ^C stops the waiting, not the work)
+            client.wait_long()
         if verb == "show queue":
             return show_queue(client, as_json=opts.json)
         if verb == "show message":

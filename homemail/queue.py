@@ -132,19 +132,9 @@ class Queue(ABC):
     async def update(self, envelope: Envelope) -> None:
         """Record an envelope's new scheduling state (retry count, last error, …)."""
 
-    async def update_many(self, envelopes: list[Envelope]) -> None:
-        """:meth:`update` for many envelopes at once (a control verb on ``all``)."""
-        for envelope in envelopes:
-            await self.update(envelope)
-
     @abstractmethod
     async def remove(self, envelope: Envelope) -> None:
         """Forget an envelope that is done; the message goes with its last envelope."""
-
-    async def remove_many(self, envelopes: list[Envelope]) -> None:
-        """:meth:`remove` for many envelopes at once (``remove all``)."""
-        for envelope in envelopes:
-            await self.remove(envelope)
 
     @abstractmethod
     def read_message(self, msgid: int) -> bytes:

@@ -898,7 +898,9 @@ class FsQueue(Queue):
                 with self._lock:
                     live = list(oldest.live)
                 if live:
-                    if now - oldest.sealed_at < self.materialize_after:
+                    # nor while the start's walk of queue/ runs: a copy whose message is done
+                    # before the copy's end could be found by the walk and taken for queued
+                    if self._scanning or now - oldest.sealed_at < self.materialize_after:
                         return False
                     waiting = False  # a message here whose copy failed lately
                     for msgid in live:
@@ -1089,31 +1091,6 @@ class FsQueue(Queue):
         else:
             await asyncio.to_thread(self._update_file, envelope)
 
-    async def update_many(self, envelopes: list[Envelope]) -> None:
-        """One journal write for those of journal-resident messages, one thread's sequence of
-        file updates for those in queue/: ``pause envelope all`` on a big queue is bound by
-        the disk's syncs, not by a thread round trip an envelope."""
-        records: list[bytes] = []
-        files: list[Envelope] = []
-        with self._lock:
-            for envelope in envelopes:
-                msg = self._messages.get(envelope.msgid)
-                if msg is None or envelope.evpid not in msg.evpids:
-                    continue
-                if msg.segment is not None:
-                    self._envelopes[envelope.evpid] = Envelope.from_json(envelope.to_json())
-                    records.append(_record(b"U", envelope.to_json()))
-                else:
-                    files.append(envelope)
-        if records:
-            await self._submit(records, sync=False)
-        if files:
-            await asyncio.to_thread(self._update_files, files)
-
-    def _update_files(self, envelopes: list[Envelope]) -> None:
-        for envelope in envelopes:
-            self._update_file(envelope)
-
     def _update_file(self, envelope: Envelope) -> None:
         with self._lock:
             msg = self._messages.get(envelope.msgid)
@@ -1144,32 +1121,6 @@ class FsQueue(Queue):
         # also for a message already moved to queue/: its M record may still be in a segment
         # kept back (a failed release), and must not come back at the next start
         await self._submit([_record(b"D", {"evpid": evpid})], sync=False)
-
-    async def remove_many(self, envelopes: list[Envelope]) -> None:
-        """As :meth:`remove` for each, with one thread for the files in queue/ and one journal
-        write for the ``D`` records."""
-        present: list[int] = []
-        files: list[int] = []
-        with self._lock:
-            for envelope in envelopes:
-                evpid = envelope.evpid
-                msg = self._messages.get(envelope.msgid)
-                if msg is None or evpid not in msg.evpids:
-                    continue
-                present.append(evpid)
-                if msg.segment is not None:
-                    self._envelopes.pop(evpid, None)
-                    self._forget(evpid)
-                else:
-                    files.append(evpid)
-        if files:
-            await asyncio.to_thread(self._remove_files, files)
-        if present:  # see remove(): also for those already moved into queue/
-            await self._submit([_record(b"D", {"evpid": evpid}) for evpid in present], sync=False)
-
-    def _remove_files(self, evpids: list[int]) -> None:
-        for evpid in evpids:
-            self._remove_file(evpid)
 
     def _remove_file(self, evpid: int) -> None:
         with self._lock:

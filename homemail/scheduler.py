@@ -305,13 +305,6 @@ class Scheduler:
         await self.queue.remove(env)
         return True
 
-    async def remove_many(self, evpids: list[int]) -> list[Envelope]:
-        """Remove those still queued, in one queue write; the envelopes removed."""
-        gone = [env for evpid in evpids if (env := self.envelopes.pop(evpid, None)) is not None]
-        if gone:
-            await self.queue.remove_many(gone)
-        return gone
-
     # -- delivery status notifications ------------------------------------------------------
 
     def _wants(self, kind: str, env: Envelope) -> bool:
