@@ -9,7 +9,9 @@ asyncio client, ``--client python``) and measures:
 * server CPU ms/msg: utime+stime of the server's whole process tree (children reaped or not)
   from /proc, after the last delivery minus before the load, divided by the messages.
 
-Servers alternate run by run (the order rotates), each cell gets --runs runs per server, and
+Servers alternate run by run (the order rotates; after each run its directory is removed and
+the disk synced, so that no run starts behind the previous one's writes), each cell gets --runs
+runs per server, and
 the table gives median, min and max, and the ratios homemail/OpenSMTPD and homemail/Postfix of
 the medians.  OpenSMTPD runs with its listen backlog raised to 128 by a preloaded shim
 ("opensmtpd"); the stock build ("opensmtpd-stock", backlog 5) is measured beside it in the cells
@@ -167,6 +169,10 @@ def one_run(name: str, cell: Cell, messages: int, client: str, keep: bool, run: 
             print(f"    (kept {workdir})", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+        # the next server starts on a quiet disk: what this run left unwritten (a server that
+        # never syncs leaves its Maildir and queue in the page cache) and its removal are
+        # written now, not charged to the next run's first syncs
+        os.sync()
     result.wall_s = time.perf_counter() - wall0
     return result
 

@@ -402,11 +402,15 @@ class ControlClient:
     def subscribe(self, verb: str, /, **args: Any) -> Iterator[Reply]:
         """For ``monitor``: check the ok reply, then yield events until the daemon hangs up."""
         ident = self._send(verb, args)
-        self._conn().settimeout(None)
+        # no end to the wait, but a wakeup every second: a ^C that lands just before a
+        # blocking recv() would otherwise be seen only when the next event comes
+        self._conn().settimeout(1.0)
         accepted = False
         while True:
             try:
                 line = self._read_line()
+            except TimeoutError:  # what was read is kept in the buffer
+                continue
             except ConnectionClosed:
                 if accepted:
                     return

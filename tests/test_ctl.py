@@ -1488,6 +1488,9 @@ def test_monitor_prints_events_until_interrupted(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env_for(tmp_path),
+        # ^C as at a terminal: a suite started in the background (`… &` from a script) has
+        # SIGINT ignored, and a child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"delivery evpid=ab result=ok\n"
@@ -1497,6 +1500,26 @@ def test_monitor_prints_events_until_interrupted(
     fake.event("stop").set()
     assert fake.requests[0].args == {}
 
+
+
+def test_monitor_waits_through_quiet_spells(
+    daemon: Callable[[dict[str, Handler]], FakeDaemon], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # monitor wakes up every second (to see a ^C that came just before it blocked): a quiet
+    # spell longer than that neither ends it nor loses what comes after
+    def handler(d: FakeDaemon, conn: socket.socket, req: Request) -> None:
+        conn.sendall(proto.reply_ok(req.id, {"counters": False}))
+        conn.sendall(proto.event(req.id, "delivery", {"evpid": "ab"}))
+        time.sleep(2.5)
+        frame = proto.event(req.id, "paused", {"subsystem": "smtp"})
+        conn.sendall(frame[:7])  # a frame cut across a wakeup
+        time.sleep(1.5)
+        conn.sendall(frame[7:])
+        conn.shutdown(socket.SHUT_RDWR)
+
+    fake = daemon({"monitor": handler})
+    assert cli(fake.path, "monitor") == ctl.EX_TEMPFAIL  # the daemon went away, at the end
+    assert capsys.readouterr().out == "delivery evpid=ab\npaused subsystem=smtp\n"
 
 def test_monitor_counters(
     daemon: Callable[[dict[str, Handler]], FakeDaemon], capsys: pytest.CaptureFixture[str]
