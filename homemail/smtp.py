@@ -229,7 +229,9 @@ class Session(SMTP):
                 self.sid,
                 "smtp",
                 "connected",
-                address=self.source.address or "local",
+                # a client that reset its connection at once leaves no peer name: not "local"
+                address=self.source.address
+                or ("local" if self.fixed_source is not None else "unknown"),
                 listener=self.listener.address,
                 **({"uid": self.uid} if self.uid >= 0 else {}),
             )

@@ -333,6 +333,24 @@ def test_start_logs_listening_and_ready(running: Daemon) -> None:
     assert log.index("smtp listening") < log.index("smtpd ready")
 
 
+def test_a_connection_reset_at_once_is_not_logged_as_local(running: Daemon) -> None:
+    import socket
+    import struct
+
+    running.wait_for_log(r"smtpd ready ")
+    mark = running.log_mark()
+    for _ in range(20):  # closed with a reset before the daemon could ask for the peer's name
+        sock = socket.create_connection(("127.0.0.1", running.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    with smtplib.SMTP("127.0.0.1", running.port) as client:  # after them in the log
+        client.noop()
+    running.wait_for_log(r"smtp disconnected ", since=mark, count=21)
+    connected = re.findall(r"smtp connected address=(\S+)", running.log()[mark:])
+    assert len(connected) >= 21
+    assert set(connected) <= {"127.0.0.1", "unknown"}, connected
+
+
 def test_port_in_use_is_a_clear_error(daemon: Daemon, tmp_path) -> None:
     import socket
 
