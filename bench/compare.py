@@ -19,7 +19,7 @@ named by --stock-cells with fewer messages, since 20 sessions collapse it to abo
 
 Prerequisite (root): ``sh bench/setup_peers.sh``.  Then, as root:
 
-    .venv/bin/python bench/compare.py                   # the full matrix (about 15 minutes)
+    .venv/bin/python bench/compare.py                   # the full matrix (about 10 minutes)
     .venv/bin/python bench/compare.py --quick           # every cell, fewer messages (~7 min)
     .venv/bin/python bench/compare.py --cells 20x4k:new,20x100k:new --runs 5
     .venv/bin/python bench/compare.py --servers homemail,postfix --client python
