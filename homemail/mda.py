@@ -269,21 +269,18 @@ def _envelope_ids(new_dir: str, cur_dir: str) -> set[str]:
 
 
 def _delivered_to(new_dir: str, name: str) -> None:
-    """A copy written here: the recovered deliveries' ids of that maildir get it too."""
+    """A copy written here: the recovered deliveries' ids of that maildir get it too.  Ids
+    read longer than RECOVERED_IDS_SECONDS ago are let go (read again if needed)."""
     if not _recovered_ids:  # (no stat on the way of every delivery, once recovery is over)
         return
+    st = os.stat(new_dir)
     now = time.monotonic()
     with _recovered_lock:
-        for key in [k for k, (read_at, _) in _recovered_ids.items()
-                    if now - read_at >= RECOVERED_IDS_SECONDS]:
-            del _recovered_ids[key]  # read again if needed: forgotten when not
-        if not _recovered_ids:
-            return
-    st = os.stat(new_dir)
-    with _recovered_lock:
-        known = _recovered_ids.get((st.st_dev, st.st_ino))
-        if known is not None:
-            known[1].add(name.split(".", 2)[1])
+        for key, (read_at, ids) in list(_recovered_ids.items()):
+            if now - read_at >= RECOVERED_IDS_SECONDS:
+                del _recovered_ids[key]
+            elif key == (st.st_dev, st.st_ino):
+                ids.add(name.split(".", 2)[1])
 
 
 def _write_new(tmp_path: str, data: bytes) -> None:

@@ -216,38 +216,35 @@ async def test_deferred_message_is_materialized_and_survives(tmp_path):
     await q.close()
 
 
-async def test_a_restart_does_not_make_old_segments_young_again(tmp_path):
-    # a segment's age counts from its last write: a daemon restarted more often than
-    # materialize_after still copies old messages out of its journal
-    spool = str(tmp_path)
-    q = FsQueue(spool, segment_max_age=0.0, materialize_after=3600)
+async def a_message_ten_minutes_in_the_journal(spool: Path, clean: bool) -> Envelope:
+    """One message committed, the queue stopped (cleanly or as a crash), and its journal
+    segment last written ten minutes ago; its envelope."""
+    q = FsQueue(str(spool), segment_max_age=0.0, materialize_after=3600)
     q.load()
     old = envelopes()
     await q.commit(b"old\r\n", old)
-    q, _ = await reopen(q, spool, segment_max_age=0.0, materialize_after=3600)
-    await q.close()
+    await (q.close() if clean else crash(q))
     past = time.time() - 600
-    for seg in (tmp_path / "journal").glob("*.log"):
+    for seg in (spool / "journal").glob("*.log"):
         os.utime(seg, (past, past))
-    q = FsQueue(spool, segment_max_age=0.0, materialize_after=300)
-    assert {e.evpid for e in q.load()} == {old[0].evpid}
+    return old[0]
+
+
+async def test_a_restart_does_not_make_old_segments_young_again(tmp_path):
+    # a segment's age counts from its last write: a daemon restarted more often than
+    # materialize_after still copies old messages out of its journal
+    old = await a_message_ten_minutes_in_the_journal(tmp_path, clean=True)
+    q = FsQueue(str(tmp_path), segment_max_age=0.0, materialize_after=300)
+    assert {e.evpid for e in q.load()} == {old.evpid}
     await q.commit(b"new\r\n", envelopes())  # young: stays in the journal
     await wait_for(lambda: copied_into_queue_dir(tmp_path) == 1, "the copy of the old message")
-    assert q._messages[old[0].msgid].segment is None
+    assert q._messages[old.msgid].segment is None
     await q.close()
 
 
 async def test_nothing_is_copied_into_queue_dir_while_the_start_walks_it(tmp_path):
-    spool = str(tmp_path)
-    q = FsQueue(spool, segment_max_age=0.0, materialize_after=3600)
-    q.load()
-    old = envelopes()
-    await q.commit(b"old\r\n", old)
-    await crash(q)
-    past = time.time() - 600
-    for seg in (tmp_path / "journal").glob("*.log"):
-        os.utime(seg, (past, past))
-    q = FsQueue(spool, segment_max_age=0.0, materialize_after=300)
+    await a_message_ten_minutes_in_the_journal(tmp_path, clean=False)
+    q = FsQueue(str(tmp_path), segment_max_age=0.0, materialize_after=300)
     q.start()  # after a crash: queue/ is walked by scan(), which has not run yet
     await q.commit(b"new\r\n", envelopes())  # a pass of the writer thread
     await writer_idle(q)
