@@ -171,5 +171,6 @@ class Queue(ABC):
         """After :meth:`start`: the remaining envelopes, in batches (may block on disk)."""
         return iter(())
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Flush and release resources."""
+    async def close(self, *, release: bool = True) -> None:  # noqa: B027 - optional hook
+        """Flush and release resources.  ``release=False``: whatever marks the queue's storage
+        as owned (the spool's lock) stays held until the process exits."""

@@ -94,6 +94,7 @@ COPY_RETRY = 30.0  # seconds before a message whose copy into queue/ failed is t
 INDEX_VERSION = 2  # 1: the same lines, written only by a clean stop
 COMPACT_MIN = 10_000  # lines appended to the index before it may be rewritten whole
 SCAN_THREADS = 16  # threads reading queue/ when there is no index
+CLOSE_WAIT = 30.0  # seconds a stop waits for the journal's writer thread
 CACHE_BYTES = 64 * 1024 * 1024
 
 
@@ -1157,19 +1158,29 @@ class FsQueue(Queue):
                         seg.live.discard(msgid)
                         break
 
-    async def close(self) -> None:
+    async def close(self, *, release: bool = True) -> None:
+        """Stop the writer thread, write the index, and let the spool go.
+
+        ``release=False`` (the daemon's stop) keeps the spool's lock until the process exits:
+        a delivery that outlived the stop may still settle, and the walk's threads end only
+        with the process, so no second daemon may take the spool before then.  A writer thread
+        still busy after CLOSE_WAIT seconds (a hung disk) keeps both its segment's fd and the
+        lock in any case: that fd's number must not be reused under it, nor the spool taken.
+        """
         with self._wakeup:
             self._closing = True
             self._wakeup.notify()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
-            if not self._thread.is_alive():  # nothing can change queue/ any more
-                with contextlib.suppress(OSError):  # then the next start reads queue/ itself
-                    await asyncio.to_thread(self._write_index)
+            await asyncio.to_thread(self._thread.join, CLOSE_WAIT)
+            if self._thread.is_alive():
+                log.error("queue: the journal's writer is still busy at the stop")
+                return
+            with contextlib.suppress(OSError):  # nothing can change queue/ any more
+                await asyncio.to_thread(self._write_index)  # (else the next start walks it)
         if self._active_fd >= 0:
             os.close(self._active_fd)
             self._active_fd = -1
-        if self._spool_lock >= 0:
+        if self._spool_lock >= 0 and release:
             os.close(self._spool_lock)
             self._spool_lock = -1
 

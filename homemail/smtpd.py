@@ -971,7 +971,7 @@ class Daemon:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
-        await self.queue.close()
+        await self.queue.close(release=False)  # the spool stays ours until the exit
         self.mda_pool.shutdown(wait=False)
         if self.channel is not None:
             self.channel.close()

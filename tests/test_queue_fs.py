@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from homemail.queue import Envelope, QueueError, format_id, new_evpid, new_msgid
-from homemail.queue_fs import FsQueue
+from homemail.queue_fs import FsQueue, SpoolInUse, lock_spool
 from homemail.queue_ram import RamQueue
 
 
@@ -1046,6 +1046,24 @@ async def test_a_change_after_the_clean_stop_is_appended_and_seen(tmp_path, monk
     assert {e.evpid for envs in made for e in envs} <= set(by_id)
     await q2.close()
 
+
+
+async def test_the_daemons_stop_keeps_the_spool_locked_for_what_settles_after_it(tmp_path):
+    """The daemon closes its queue with release=False: a delivery that outlived the stop
+    settles afterwards, so no second daemon may own the spool before this process exits."""
+    spool = str(tmp_path)
+    q, made = await materialized_queue(spool, 2)
+    await q.close(release=False)
+    with pytest.raises(SpoolInUse):
+        os.close(lock_spool(spool))
+    made[0][0].retry = 9  # the late settle, written while the spool is still this process's
+    await q.update(made[0][0])
+    with pytest.raises(SpoolInUse):
+        os.close(lock_spool(spool))
+    os.close(q._spool_lock)  # what the process's exit does
+    q2, by_id = restart(spool)
+    assert by_id[made[0][0].evpid].retry == 9
+    await q2.close()
 
 # -- a start after a crash: queue/ is walked while the daemon serves -----------------------------
 
