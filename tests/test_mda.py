@@ -248,14 +248,6 @@ def test_maildir_not_recovered_does_not_scan_cur(tmp_path: Path) -> None:
     assert path == str(tmp_path / "new" / NAME)
 
 
-def test_maildir_stale_tmp_replaced(tmp_path: Path) -> None:
-    (tmp_path / "tmp").mkdir()
-    (tmp_path / "tmp" / NAME).write_bytes(b"half a mess")
-    path = deliver_maildir(str(tmp_path), MESSAGE, make_delivery())
-    assert Path(path).read_bytes() == prepare(MESSAGE, make_delivery())
-    assert os.listdir(tmp_path / "tmp") == []
-
-
 def test_maildir_stale_tmp_symlink_not_followed(tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.write_bytes(b"precious")
