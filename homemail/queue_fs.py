@@ -223,6 +223,14 @@ class FsQueue(Queue):
         self._wakeup = threading.Condition(self._lock)
         self._busy = False  # the writer thread is out of its wait (writing, maintaining, done)
         self._torn = False  # a record the loop appended failed: the writer cuts it back first
+        # a failed write could be neither cut back nor left behind for a new segment: nothing
+        # may be appended after what may be a torn record (replay stops there), so commits are
+        # refused until the writer's next repair works
+        self._broken = False
+        # done (D) records whose append failed (a full disk): written ahead of anything else
+        # once the disk takes them, so that a delivered message does not come back at a start
+        self._unwritten: list[bytes] = []
+        self._maintenance_error = ("", 0.0)  # the last one logged, and when (monotonic)
         self._copy_failed: dict[int, float] = {}  # msgid: when to try its copy again (monotonic)
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -786,7 +794,10 @@ class FsQueue(Queue):
         with self._wakeup:
             if self._closing:
                 raise QueueError("queue is closing")
-            idle = not (self._busy or self._pending or self._torn) and self._thread is not None
+            idle = (
+                not (self._busy or self._pending or self._torn or self._broken or self._unwritten)
+                and self._thread is not None
+            )
             if idle and not sync and after is None:
                 # Nothing to wait for and nothing ahead of these records: appending them here
                 # costs a write(2) (to the page cache, like a log line), waking the writer two
@@ -817,15 +828,19 @@ class FsQueue(Queue):
                 torn, self._torn = self._torn, False
                 batch, self._pending = self._pending, []
                 closing = self._closing
-            if torn:
+            if torn or self._broken:
                 self._after_failed_write()
+            self._write_unwritten()
             error: BaseException | None = None
             if batch:
                 try:
+                    if self._broken:
+                        raise QueueError("the journal cannot be written: see the log")
                     self._write_batch(batch)
                 except Exception as exc:  # ENOSPC, EIO, a failed fdatasync …
                     error = exc
-                    self._after_failed_write()
+                    if not self._broken:
+                        self._after_failed_write()
                 seg = self._segments[-1]
                 for item in batch:
                     if error is None and item.after is not None:
@@ -835,12 +850,37 @@ class FsQueue(Queue):
                         item.loop.call_soon_threadsafe(_resolve, item.future, error)
             try:
                 more = self._maintain()
-            except Exception:  # retried at the next pass; the segment stays
+            except Exception as exc:  # retried at the next pass; the segment stays
                 more = False
+                self._maintenance_failed(exc)
             if closing and not batch:
                 with contextlib.suppress(OSError):  # the unsynced U and D records, at a clean stop
                     os.fdatasync(self._active_fd)
                 return
+
+    def _write_unwritten(self) -> None:
+        """(The writer thread) Append the done records that failed before, ahead of the rest."""
+        if not self._unwritten or self._broken:
+            return
+        with self._lock:
+            records, self._unwritten = self._unwritten, []
+        try:
+            self._append(b"".join(records))
+        except OSError:
+            self._after_failed_write()
+            with self._lock:
+                self._unwritten[:0] = records
+        else:
+            log.event("-", "queue", "done-records-written", count=len(records))
+
+    def _maintenance_failed(self, exc: Exception) -> None:
+        """Say why maintenance fails (no inode for a new segment, no room for a copy …): once,
+        then again when the reason changes or every ten minutes while it lasts."""
+        text = str(exc)
+        last, at = self._maintenance_error
+        if text != last or time.monotonic() - at >= 600:
+            self._maintenance_error = (text, time.monotonic())
+            log.error(f"queue: maintenance of the journal failed (retried): {text}")
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         seg = self._segments[-1]
@@ -868,9 +908,20 @@ class FsQueue(Queue):
         try:
             os.ftruncate(self._active_fd, seg.size)
             os.fdatasync(self._active_fd)
-        except OSError:
-            with contextlib.suppress(OSError):
+        except OSError as exc:
+            try:
                 self._open_segment(seg.seq + 1)
+            except OSError as again:
+                if not self._broken:
+                    log.error(
+                        f"queue: a failed write to the journal can be neither cut back ({exc}) "
+                        f"nor followed by a new segment ({again}): mail is refused until it can"
+                    )
+                self._broken = True
+                return
+        if self._broken:
+            log.info("queue: the journal is repaired: mail is accepted again")
+        self._broken = False
 
     def _maintain(self) -> bool:
         """Rotate the active segment, copy what outlived old segments, release them.
@@ -953,10 +1004,15 @@ class FsQueue(Queue):
         tmpdir = os.path.join(self.incoming_dir, format_id(msgid))
         shutil.rmtree(tmpdir, ignore_errors=True)
         os.mkdir(tmpdir, 0o700)
-        write_file_synced(os.path.join(tmpdir, "message"), data)
-        for env in envs:
-            write_file_synced(os.path.join(tmpdir, f"{format_id(env.evpid)}.json"), env.dumps())
-        fsync_dir(tmpdir)
+        try:
+            write_file_synced(os.path.join(tmpdir, "message"), data)
+            for env in envs:
+                path = os.path.join(tmpdir, f"{format_id(env.evpid)}.json")
+                write_file_synced(path, env.dumps())
+            fsync_dir(tmpdir)
+        except BaseException:  # (a full disk: what was written would only take more room)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
         final = self._msgdir(msgid)
         bucket = os.path.dirname(final)
         if not os.path.isdir(bucket):  # a new bucket: its own entry in queue/ is synced too
@@ -1121,7 +1177,17 @@ class FsQueue(Queue):
             await asyncio.to_thread(self._remove_file, evpid)
         # also for a message already moved to queue/: its M record may still be in a segment
         # kept back (a failed release), and must not come back at the next start
-        await self._submit([_record(b"D", {"evpid": evpid})], sync=False)
+        record = _record(b"D", {"evpid": evpid})
+        try:
+            await self._submit([record], sync=False)
+        except (OSError, QueueError) as exc:
+            if self._closing:
+                raise
+            with self._lock:  # the writer appends it as soon as the disk takes it
+                self._unwritten.append(record)
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.event(format_id(evpid), "queue", "done-record-deferred", error=reason,
+                      note="until it is written, a restart delivers this envelope again")
 
     def _remove_file(self, evpid: int) -> None:
         with self._lock:
@@ -1175,6 +1241,11 @@ class FsQueue(Queue):
             if self._thread.is_alive():
                 log.error("queue: the journal's writer is still busy at the stop")
                 return
+            if self._unwritten:
+                log.error(
+                    f"queue: {len(self._unwritten)} done records could not be written (the "
+                    "disk is full): those envelopes are delivered again after the restart"
+                )
             with contextlib.suppress(OSError):  # nothing can change queue/ any more
                 await asyncio.to_thread(self._write_index)  # (else the next start walks it)
         if self._active_fd >= 0:

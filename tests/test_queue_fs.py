@@ -321,6 +321,36 @@ async def test_a_commit_is_not_held_behind_copying_a_long_queue_into_queue_dir(
         await q.close()
 
 
+
+async def test_a_journal_that_cannot_rotate_says_so_once_and_keeps_taking_mail(
+    tmp_path, monkeypatch, capfd
+):
+    """No inode left for a new segment: maintenance fails at every pass, which is said once
+    (not at every pass), and commits go on into the segment there is."""
+    spool = str(tmp_path)
+    q = FsQueue(spool, segment_max_age=0.0, materialize_after=3600)
+    q.load()
+    real = q._open_segment
+
+    def no_inode(seq: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(q, "_open_segment", no_inode)
+    kept = []
+    for _ in range(10):  # a maintenance pass after each
+        envs = envelopes()
+        await q.commit(b"x\r\n", envs)
+        kept.append(envs[0].evpid)
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0)
+    err = capfd.readouterr().err
+    assert err.count("maintenance of the journal failed") == 1, err
+    assert "No space left on device" in err
+    monkeypatch.setattr(q, "_open_segment", real)
+    q, loaded = await reopen(q, spool)
+    assert sorted(e.evpid for e in loaded) == sorted(kept)
+    await q.close()
+
 async def test_a_message_whose_copy_fails_keeps_its_segment_and_is_copied_later(
     tmp_path, monkeypatch, capfd
 ):
@@ -361,6 +391,7 @@ async def test_a_message_whose_copy_fails_keeps_its_segment_and_is_copied_later(
         assert 1 <= tries <= 1 + (time.monotonic() - started) / 0.5 + 1
         assert first.exists()  # its segment stays while one of its messages is not copied
         assert not in_queue_dir(2).exists()
+        assert not (tmp_path / "incoming" / bad).exists()  # the failed copy's part is removed
         broken[0] = False
         await asyncio.sleep(0.6)
         await q.commit(b"after\r\n", envelopes())  # the pass after it copies the message
@@ -579,9 +610,9 @@ async def test_an_update_appended_directly_lands_after_one_queued_behind_a_commi
 async def test_a_failed_direct_append_is_cut_back_and_what_follows_survives(
     tmp_path, monkeypatch
 ):
-    """A done record the loop could only half write (disk full) fails that removal only: the
-    writer cuts the torn bytes back before anything else, the envelope is still queued after
-    a restart (delivered twice rather than lost), and later records are readable."""
+    """A done record the loop could only half write (disk full): the writer cuts the torn
+    bytes back before anything else, then writes the record once the disk takes it, so the
+    envelope does not come back after a restart; later records are readable."""
     import homemail.queue_fs as queue_fs
 
     q = FsQueue(str(tmp_path))
@@ -603,18 +634,114 @@ async def test_a_failed_direct_append_is_cut_back_and_what_follows_survives(
 
     monkeypatch.setattr(queue_fs.os, "write", half_then_full)
     await writer_idle(q)
-    with pytest.raises(OSError):
-        await q.remove(kept[0])
+    await q.remove(kept[0])  # delivered: its done record waits for room
     monkeypatch.setattr(queue_fs.os, "write", real)
     assert len(torn) == 2 and torn[0] > 0  # part of the record did reach the file
     await q.commit(b"later\r\n", later)
     q._cache.clear()
     assert q.read_message(later[0].msgid) == b"later\r\n"
     q, loaded = await reopen(q, str(tmp_path))
-    assert sorted(e.evpid for e in loaded) == sorted([kept[0].evpid, later[0].evpid])
+    assert sorted(e.evpid for e in loaded) == [later[0].evpid]
     assert q.read_message(later[0].msgid) == b"later\r\n"
     await q.close()
 
+
+
+async def test_a_done_record_the_full_disk_refused_is_written_when_room_comes_back(
+    tmp_path, monkeypatch, capfd
+):
+    """A delivery settled while the disk is full: its done record is kept and written by the
+    writer's next pass that the disk takes, so neither a clean stop after that nor a crash
+    delivers the message twice; a stop while the disk is still full says what will happen."""
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool)
+    q.load()
+    done, other = envelopes(), envelopes()
+    await q.commit(b"done\r\n", done)
+    await q.commit(b"other\r\n", other)
+    real = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        if fd == q._active_fd:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(queue_fs.os, "write", full)
+    await writer_idle(q)
+    await q.remove(done[0])  # no error: the delivery happened
+    await asyncio.sleep(0.2)
+    assert q._unwritten, "the record was dropped while the disk was full"
+    monkeypatch.setattr(queue_fs.os, "write", real)
+    await wait_for(lambda: not q._unwritten, "the done record written", seconds=15)
+    await crash(q)  # no clean stop: the journal alone must say it
+    q2 = FsQueue(spool)
+    assert [e.evpid for e in q2.load()] == [other[0].evpid]
+
+    q = q2  # (full() refuses the writes to this queue's journal now)
+    monkeypatch.setattr(queue_fs.os, "write", full)
+    await writer_idle(q2)
+    await q2.remove(other[0])
+    await q2.close()
+    await asyncio.sleep(0)  # (the log's lines of this loop iteration)
+    assert "1 done records could not be written" in capfd.readouterr().err
+    monkeypatch.setattr(queue_fs.os, "write", real)
+    q3 = FsQueue(spool)
+    assert [e.evpid for e in q3.load()] == [other[0].evpid]  # (delivered again, as it said)
+    await q3.close()
+
+
+async def test_commits_are_refused_while_a_torn_write_cannot_be_repaired(tmp_path, monkeypatch):
+    """A commit's write torn by an I/O error, and neither the cut-back nor a new segment
+    works: the commits that follow are refused (a 451 for the client), not appended after
+    the torn record where a restart's replay would never reach them; once the disk works
+    again the writer repairs the journal and what it acknowledges after that is kept."""
+    import errno
+
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool)
+    q.load()
+    first = envelopes()
+    await q.commit(b"first\r\n", first)
+    real_write, real_truncate, real_open = os.write, os.ftruncate, os.open
+    failing = {"on": True, "torn": False}
+
+    def write(fd: int, data: bytes) -> int:
+        if failing["on"] and fd == q._active_fd and not failing["torn"]:
+            failing["torn"] = True
+            real_write(fd, bytes(data)[:20])
+            raise OSError(errno.EIO, "Input/output error")
+        return real_write(fd, data)
+
+    def truncate(fd: int, length: int) -> None:
+        if failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        real_truncate(fd, length)
+
+    def open_(path: str, *args: object, **kw: object) -> int:
+        if failing["on"] and str(path).endswith(".log"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queue_fs.os, "write", write)
+    monkeypatch.setattr(queue_fs.os, "ftruncate", truncate)
+    monkeypatch.setattr(queue_fs.os, "open", open_)
+    with pytest.raises(QueueError, match="Input/output error"):
+        await q.commit(b"torn\r\n", envelopes())
+    with pytest.raises(QueueError, match="the journal cannot be written"):
+        await q.commit(b"refused\r\n", envelopes())  # would follow the torn record
+    failing["on"] = False  # the disk answers again
+    later = envelopes()
+    await q.commit(b"later\r\n", later)
+    await crash(q)
+    q2 = FsQueue(spool)
+    loaded = {e.evpid for e in q2.load()}
+    assert loaded == {first[0].evpid, later[0].evpid}
+    assert q2.read_message(later[0].msgid) == b"later\r\n"
+    await q2.close()
 
 async def test_a_failed_commit_after_a_removal_keeps_it_removed(tmp_path, monkeypatch):
     """The journal is cut back to its last good record after a failed sync; a done record
