@@ -995,11 +995,9 @@ class FsQueue(Queue):
             if msg is None or msg.segment != seg.seq:
                 seg.live.discard(msgid)
                 return
-            envs = [
-                Envelope.from_json(self._envelopes[e].to_json())
-                for e in msg.evpids
-                if e in self._envelopes
-            ]
+            # the objects as they are now: a change while copying replaces its object
+            copied = {e: self._envelopes[e] for e in msg.evpids if e in self._envelopes}
+            envs = [Envelope.from_json(env.to_json()) for env in copied.values()]
         data = self._read_journal(msg)
         tmpdir = os.path.join(self.incoming_dir, format_id(msgid))
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -1029,14 +1027,22 @@ class FsQueue(Queue):
             shutil.rmtree(final, ignore_errors=True)
             raise
         with self._lock:
-            msg.segment = None
-            # state changes made while copying are replayed into the files below
+            # state changes made while copying are written into the files (only theirs: an
+            # unchanged envelope costs no second sync); should one fail, the copy is undone
+            # and the message stays in the journal, which has every change
             written = {env.evpid: env for env in envs}
+            try:
+                for evpid in msg.evpids:
+                    current = self._envelopes.get(evpid)
+                    if current is not None and current is not copied.get(evpid):
+                        atomic_write(self._envpath(evpid), current.dumps())
+                        written[evpid] = current
+            except OSError:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+            msg.segment = None
             for evpid in list(msg.evpids):
-                current = self._envelopes.pop(evpid, None)
-                if current is not None:
-                    atomic_write(self._envpath(evpid), current.dumps())
-                    written[evpid] = current
+                self._envelopes.pop(evpid, None)
                 if evpid in written:
                     self._files[evpid] = written[evpid]
             for env in envs:

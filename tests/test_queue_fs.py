@@ -322,6 +322,61 @@ async def test_a_commit_is_not_held_behind_copying_a_long_queue_into_queue_dir(
 
 
 
+
+async def test_a_copy_into_queue_dir_syncs_each_file_once_unless_it_changed_meanwhile(
+    tmp_path, monkeypatch
+):
+    """A message copied into queue/ has its envelope files written (and synced) once; only an
+    envelope changed while it was copied is written again after the move, and should that
+    write fail, the copy is undone and the message, with the change, stays in the journal."""
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool, materialize_after=3600)
+    q.load()
+    plain, changed = envelopes(2), envelopes(2)
+    await q.commit(b"plain\r\n", plain)
+    await q.commit(b"changed\r\n", changed)
+    rewrites: list[str] = []
+    real_atomic, real_synced = queue_fs.atomic_write, queue_fs.write_file_synced
+    disk = {"full": True}
+
+    def atomic(path: str, data: bytes) -> None:
+        rewrites.append(os.path.basename(path))
+        if disk["full"]:
+            raise OSError(28, "No space left on device")
+        real_atomic(path, data)
+
+    def synced(path: str, data: bytes) -> None:
+        # the scheduler changes one envelope while its message is being copied
+        if "/incoming/" in path and path.endswith("message") and b"changed" in data:
+            bumped = Envelope.from_json(changed[1].to_json())
+            bumped.retry = 5
+            with q._lock:
+                q._envelopes[bumped.evpid] = bumped
+        real_synced(path, data)
+
+    monkeypatch.setattr(queue_fs, "atomic_write", atomic)
+    monkeypatch.setattr(queue_fs, "write_file_synced", synced)
+    seg = q._segments[0]
+    q._materialize(seg, plain[0].msgid)
+    assert rewrites == []  # written once, in incoming/, synced there
+    with pytest.raises(OSError):
+        q._materialize(seg, changed[0].msgid)
+    assert rewrites == [f"{format_id(changed[1].evpid)}.json"]
+    name = format_id(changed[0].msgid)
+    assert not (tmp_path / "queue" / name[:2] / name).exists()  # undone
+    assert q._messages[changed[0].msgid].segment == seg.seq  # still the journal's
+    disk["full"] = False
+    q._materialize(seg, changed[0].msgid)
+    stored = tmp_path / "queue" / name[:2] / name / f"{format_id(changed[1].evpid)}.json"
+    assert json.loads(stored.read_bytes())["retry"] == 5
+    q, loaded = await reopen(q, spool)
+    assert {e.evpid: e.retry for e in loaded} == {
+        plain[0].evpid: 0, plain[1].evpid: 0, changed[0].evpid: 0, changed[1].evpid: 5
+    }
+    await q.close()
+
 async def test_a_journal_that_cannot_rotate_says_so_once_and_keeps_taking_mail(
     tmp_path, monkeypatch, capfd
 ):
