@@ -770,6 +770,7 @@ class Daemon:
     async def start(self) -> None:
         envelopes = await asyncio.to_thread(self.queue.start)
         self.scheduler.schedule(envelopes)
+        self.spool_short()  # a spool too small for the largest message is said now, not at MAIL
         if self.control_sock is None:
             self.control_sock = bind_control_socket(
                 self.socket_path, private_dir=self.socket_path == user_paths().socket

@@ -477,12 +477,13 @@ def test_mail_is_refused_with_452_when_the_spool_has_no_room_for_a_message(daemo
     limit_g = room // (1 << 30) + 1  # a largest message bigger than all the room there is
     assert limit_g <= 1024, f"more room than the largest size allowed (1024G): {room} bytes"
     daemon.start(DEFAULT_CONFIG + f"smtp max-message-size {limit_g}G\n")
+    # said at the start already, before any client tries
+    daemon.wait_for_log(r"error: the spool's file system has \d+ bytes free, less than 1\.5 times")
     with daemon.smtp() as s:
         s.ehlo()
         expect(s.docmd("MAIL", "FROM:<alice@example.org>"), 452, "4.3.1")
         expect(s.docmd("MAIL", "FROM:<alice@example.org> SIZE=100"), 452, "4.3.1")
     daemon.wait_for_log(r"smtp failed-command command=MAIL result=\"?452 4\.3\.1")
-    daemon.wait_for_log(r"error: the spool's file system has \d+ bytes free, less than 1\.5 times")
     daemon.write_config(DEFAULT_CONFIG)  # with room for the largest message: taken again
     daemon.hup()
     daemon.wait_for_log(r"smtpd reloaded")
