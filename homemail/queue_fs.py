@@ -966,9 +966,16 @@ class FsQueue(Queue):
                             self._materialize(oldest, msgid)
                         except (OSError, QueueError) as exc:
                             waiting = True
+                            again = msgid in self._copy_failed
                             self._copy_failed[msgid] = time.monotonic() + COPY_RETRY
-                            log.event(format_id(msgid), "queue", "copy-failed", error=str(exc),
-                                      retry=f"{COPY_RETRY:.0f}s")
+                            reason = exc.strerror if isinstance(exc, OSError) else None
+                            if not again:  # its retries are said by the line below
+                                log.event(format_id(msgid), "queue", "copy-failed",
+                                          error=reason or str(exc), retry=f"{COPY_RETRY:.0f}s")
+                            else:
+                                self._maintenance_failed(QueueError(
+                                    f"messages cannot be copied into queue/: {reason or exc}"
+                                ))
                         else:
                             copied += 1
                             self._copy_failed.pop(msgid, None)
