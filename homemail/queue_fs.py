@@ -24,6 +24,11 @@ of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 
 [...]}``, data = the message), ``U`` an envelope's new state (JSON: the envelope), ``D`` an
 envelope done (JSON ``{"evpid"}``).  A record that is short or fails its CRC ends the segment (a
 crash mid-append); the daemon always starts a fresh segment, so nothing is appended after it.
+A write that fails while running is cut back to the last whole record (or, failing that, its
+segment is sealed and a new one opened); when neither works, commits are refused until the
+writer's next try does, since replay would never reach a record written after a torn one.  A
+``D`` record that cannot be written (a full disk) is kept and appended ahead of everything once
+the disk takes it: until then a restart would deliver that envelope again.
 
 **Lifetime.**  Most messages are delivered within moments, so a sealed segment usually holds no
 live message and is simply unlinked.  Segments are released strictly oldest first, because a
