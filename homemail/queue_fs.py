@@ -27,8 +27,10 @@ crash mid-append); the daemon always starts a fresh segment, so nothing is appen
 A write that fails while running is cut back to the last whole record (or, failing that, its
 segment is sealed and a new one opened); when neither works, commits are refused until the
 writer's next try does, since replay would never reach a record written after a torn one.  A
-``D`` record that cannot be written (a full disk) is kept and appended ahead of everything once
-the disk takes it: until then a restart would deliver that envelope again.
+``D`` record that cannot be written (a full disk) is kept and appended by the writer's first
+pass that the disk takes: until then a restart would deliver that envelope again.  (The records
+of a failed batch may still be whole in the segment sealed that way: a message refused with a
+451 can then come back at a start, as a duplicate, never a loss.)
 
 **Lifetime.**  Most messages are delivered within moments, so a sealed segment usually holds no
 live message and is simply unlinked.  Segments are released strictly oldest first, because a
@@ -304,9 +306,12 @@ class FsQueue(Queue):
             self._open_index(rewrite=not os.path.exists(self._index_path()))
             found = []
             for msgid in list(self._messages):
-                envs, _ = self._read_msgdir(self._msgdir(msgid))  # the walk sets bad ones aside
-                if envs:
+                msgdir = self._msgdir(msgid)
+                envs, _ = self._read_msgdir(msgdir)  # the walk sets bad ones aside
+                if envs and os.path.exists(os.path.join(msgdir, "message")):
                     found.append((msgid, envs))
+                elif envs:  # what an older release's removal left: the journal's copy is whole
+                    self._discard_copy(msgdir, quiet=True)
         result = self._adopt(found)
         for env in self._envelopes.values():  # ours: the caller gets copies
             copy = Envelope.from_json(env.to_json())
@@ -1029,14 +1034,14 @@ class FsQueue(Queue):
             os.makedirs(bucket, mode=0o700, exist_ok=True)
             fsync_dir(self.queue_dir)
         if os.path.lexists(final):  # an earlier copy renamed, then not synced: this one wins
-            shutil.rmtree(final)
+            self._discard_copy(final)
         with self._lock:  # queue/ changes: a clean stop's index no longer says what it holds
             self._index_unclean()
         os.rename(tmpdir, final)
         try:
             fsync_dir(os.path.dirname(final))
         except OSError:  # the message stays in the journal: no copy may outlive it there
-            shutil.rmtree(final, ignore_errors=True)
+            self._discard_copy(final, quiet=True)
             raise
         with self._lock:
             # state changes made while copying are written into the files (only theirs: an
@@ -1050,7 +1055,7 @@ class FsQueue(Queue):
                         atomic_write(self._envpath(evpid), current.dumps())
                         written[evpid] = current
             except OSError:
-                shutil.rmtree(final, ignore_errors=True)
+                self._discard_copy(final, quiet=True)
                 raise
             msg.segment = None
             for evpid in list(msg.evpids):
@@ -1063,12 +1068,32 @@ class FsQueue(Queue):
                         os.unlink(self._envpath(env.evpid))
             seg.live.discard(msgid)
             if not msg.evpids:  # all done while it was copied
-                shutil.rmtree(final, ignore_errors=True)
+                self._discard_copy(final, quiet=True)
                 return
             # in place: from now on its segment can go, and the index is what finds it fast
             self._index_append(
                 {"msgid": msgid, "envelopes": [self._files[e].to_json() for e in msg.evpids]}
             )
+
+    def _discard_copy(self, final: str, *, quiet: bool = False) -> None:
+        """Remove a message's directory from queue/ in one step: renamed into incoming/ (which
+        a start empties), the bucket synced, then deleted.  Deleted in place, a crash could
+        leave part of it, which a start takes over the journal's whole copy (an envelope or
+        the message itself lost).  ``quiet``: on a failure, log it rather than raise."""
+        aside = os.path.join(self.incoming_dir, f"{os.path.basename(final)}.discarded")
+        try:
+            shutil.rmtree(aside, ignore_errors=True)
+            try:
+                os.rename(final, aside)
+            except FileNotFoundError:
+                return
+            fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            if not quiet:
+                raise
+            log.error(f"queue: cannot remove the copy {final}: {exc}")
+            return
+        shutil.rmtree(aside, ignore_errors=True)
 
     # -- paths and reads ---------------------------------------------------------------------
 
@@ -1199,10 +1224,9 @@ class FsQueue(Queue):
         try:
             await self._submit([record], sync=False)
         except (OSError, QueueError) as exc:
-            if self._closing:
-                raise
-            with self._lock:  # the writer appends it as soon as the disk takes it
+            with self._wakeup:  # the writer appends it as soon as the disk takes it
                 self._unwritten.append(record)
+                self._wakeup.notify()
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             log.event(format_id(evpid), "queue", "done-record-deferred", error=reason,
                       note="until it is written, a restart delivers this envelope again")

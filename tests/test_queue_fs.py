@@ -340,6 +340,7 @@ async def test_a_copy_into_queue_dir_syncs_each_file_once_unless_it_changed_mean
     rewrites: list[str] = []
     real_atomic, real_synced = queue_fs.atomic_write, queue_fs.write_file_synced
     disk = {"full": True}
+    copying, changed_meanwhile = threading.Event(), threading.Event()
 
     def atomic(path: str, data: bytes) -> None:
         rewrites.append(os.path.basename(path))
@@ -348,34 +349,95 @@ async def test_a_copy_into_queue_dir_syncs_each_file_once_unless_it_changed_mean
         real_atomic(path, data)
 
     def synced(path: str, data: bytes) -> None:
-        # the scheduler changes one envelope while its message is being copied
         if "/incoming/" in path and path.endswith("message") and b"changed" in data:
-            bumped = Envelope.from_json(changed[1].to_json())
-            bumped.retry = 5
-            with q._lock:
-                q._envelopes[bumped.evpid] = bumped
+            copying.set()  # the scheduler's update() comes while this message is copied
+            assert changed_meanwhile.wait(10)
         real_synced(path, data)
 
     monkeypatch.setattr(queue_fs, "atomic_write", atomic)
     monkeypatch.setattr(queue_fs, "write_file_synced", synced)
     seg = q._segments[0]
-    q._materialize(seg, plain[0].msgid)
+    await asyncio.to_thread(q._materialize, seg, plain[0].msgid)
     assert rewrites == []  # written once, in incoming/, synced there
+    copy = asyncio.create_task(asyncio.to_thread(q._materialize, seg, changed[0].msgid))
+    assert await asyncio.to_thread(copying.wait, 10)
+    bumped = Envelope.from_json(changed[1].to_json())
+    bumped.retry = 5
+    await q.update(bumped)  # journal-resident still: a U record
+    changed_meanwhile.set()
     with pytest.raises(OSError):
-        q._materialize(seg, changed[0].msgid)
+        await copy
     assert rewrites == [f"{format_id(changed[1].evpid)}.json"]
     name = format_id(changed[0].msgid)
     assert not (tmp_path / "queue" / name[:2] / name).exists()  # undone
     assert q._messages[changed[0].msgid].segment == seg.seq  # still the journal's
-    disk["full"] = False
-    q._materialize(seg, changed[0].msgid)
-    stored = tmp_path / "queue" / name[:2] / name / f"{format_id(changed[1].evpid)}.json"
-    assert json.loads(stored.read_bytes())["retry"] == 5
-    q, loaded = await reopen(q, spool)
-    assert {e.evpid: e.retry for e in loaded} == {
+    assert changed[0].msgid in seg.live
+    await crash(q)  # the journal alone has the change
+    q = FsQueue(spool, materialize_after=3600)
+    assert {e.evpid: e.retry for e in q.load()} == {
         plain[0].evpid: 0, plain[1].evpid: 0, changed[0].evpid: 0, changed[1].evpid: 5
     }
+    assert q.read_message(changed[0].msgid) == b"changed\r\n"
+    disk["full"] = False
+    seg = next(g for g in q._segments if changed[0].msgid in g.live)
+    changed_meanwhile.set()
+    await asyncio.to_thread(q._materialize, seg, changed[0].msgid)
+    stored = tmp_path / "queue" / name[:2] / name / f"{format_id(changed[1].evpid)}.json"
+    assert json.loads(stored.read_bytes())["retry"] == 5
     await q.close()
+
+
+class _Killed(BaseException):
+    """The process dies here."""
+
+
+async def test_a_crash_while_a_copy_is_undone_loses_nothing(tmp_path, monkeypatch):
+    """An undone copy leaves queue/ in one step: killed while its files are being deleted,
+    the next start finds no part of it there to take over the journal's whole message."""
+    import shutil
+
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool, materialize_after=3600)
+    q.load()
+    envs = envelopes(2)
+    await q.commit(b"body\r\n", envs)
+    await q.update(Envelope.from_json({**envs[1].to_json(), "retry": 3}))
+    real_rmtree = shutil.rmtree
+    failed = {"yes": False}
+
+    def atomic(path: str, data: bytes) -> None:  # the rewrite after the move fails
+        failed["yes"] = True
+        raise OSError(28, "No space left on device")
+
+    def rmtree(path: str, ignore_errors: bool = False) -> None:
+        if failed["yes"] and os.path.isdir(path) and "message" in os.listdir(path):
+            os.unlink(os.path.join(path, "message"))  # its first unlink, then the kill
+            raise _Killed()
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    real_synced = queue_fs.write_file_synced
+
+    def synced(path: str, data: bytes) -> None:  # a change while copying (as update() makes)
+        if "/incoming/" in path and path.endswith("message"):
+            with q._lock:
+                current = q._envelopes[envs[1].evpid]
+                q._envelopes[envs[1].evpid] = Envelope.from_json(current.to_json())
+        real_synced(path, data)
+
+    monkeypatch.setattr(queue_fs, "write_file_synced", synced)
+    monkeypatch.setattr(queue_fs, "atomic_write", atomic)
+    monkeypatch.setattr(queue_fs.shutil, "rmtree", rmtree)
+    with pytest.raises(_Killed):
+        await asyncio.to_thread(q._materialize, q._segments[0], envs[0].msgid)
+    monkeypatch.undo()
+    await crash(q)
+    q2 = FsQueue(spool, materialize_after=3600)
+    assert {e.evpid: e.retry for e in q2.load()} == {envs[0].evpid: 0, envs[1].evpid: 3}
+    assert q2.read_message(envs[0].msgid) == b"body\r\n"
+    await q2.close()
+
 
 async def test_a_journal_that_cannot_rotate_says_so_once_and_keeps_taking_mail(
     tmp_path, monkeypatch, capfd
