@@ -234,8 +234,8 @@ class FsQueue(Queue):
         # may be appended after what may be a torn record (replay stops there), so commits are
         # refused until the writer's next repair works
         self._broken = False
-        # done (D) records whose append failed (a full disk): written ahead of anything else
-        # once the disk takes them, so that a delivered message does not come back at a start
+        # done (D) records whose append failed (a full disk): written by the writer's first
+        # pass that the disk takes, so that a delivered message does not come back at a start
         self._unwritten: list[bytes] = []
         self._maintenance_error = ("", 0.0)  # the last one logged, and when (monotonic)
         self._copy_failed: dict[int, float] = {}  # msgid: when to try its copy again (monotonic)
@@ -869,7 +869,7 @@ class FsQueue(Queue):
                 return
 
     def _write_unwritten(self) -> None:
-        """(The writer thread) Append the done records that failed before, ahead of the rest."""
+        """(The writer thread) Append the done records that failed before, ahead of its batch."""
         if not self._unwritten or self._broken:
             return
         with self._lock:
