@@ -863,6 +863,10 @@ class FsQueue(Queue):
             except Exception as exc:  # retried at the next pass; the segment stays
                 more = False
                 self._maintenance_failed(exc)
+            else:
+                if self._maintenance_error[0] and not self._copy_failed:
+                    self._maintenance_error = ("", 0.0)
+                    log.info("queue: maintenance of the journal works again")
             if closing and not batch:
                 with contextlib.suppress(OSError):  # the unsynced U and D records, at a clean stop
                     os.fdatasync(self._active_fd)
@@ -885,7 +889,8 @@ class FsQueue(Queue):
 
     def _maintenance_failed(self, exc: Exception) -> None:
         """Say why maintenance fails (no inode for a new segment, no room for a copy …): once,
-        then again when the reason changes or every ten minutes while it lasts."""
+        then again when the reason changes or every ten minutes while it lasts (and once it
+        works again, that it does)."""
         text = str(exc)
         last, at = self._maintenance_error
         if text != last or time.monotonic() - at >= 600:

@@ -464,6 +464,12 @@ async def test_a_journal_that_cannot_rotate_says_so_once_and_keeps_taking_mail(
     assert err.count("maintenance of the journal failed") == 1, err
     assert "No space left on device" in err
     monkeypatch.setattr(q, "_open_segment", real)
+    envs = envelopes()
+    await q.commit(b"x\r\n", envs)  # its pass rotates
+    kept.append(envs[0].evpid)
+    await wait_for(lambda: len(q._segments) > 1, "no rotation once an inode is free")
+    await asyncio.sleep(0.1)
+    assert "maintenance of the journal works again" in capfd.readouterr().err
     q, loaded = await reopen(q, spool)
     assert sorted(e.evpid for e in loaded) == sorted(kept)
     await q.close()
