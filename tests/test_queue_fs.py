@@ -869,7 +869,20 @@ async def test_commits_are_refused_while_a_torn_write_cannot_be_repaired(tmp_pat
     loaded = {e.evpid for e in q2.load()}
     assert loaded == {first[0].evpid, later[0].evpid}
     assert q2.read_message(later[0].msgid) == b"later\r\n"
+
+    # a stop while the journal is refusing mail: prompt, and what was acknowledged is kept
+    q = q2  # (the faults above look at q's journal)
+    failing.update(on=True, torn=False)
+    with pytest.raises(QueueError):
+        await q2.commit(b"torn again\r\n", envelopes())
+    assert q2._broken
+    started = time.monotonic()
     await q2.close()
+    assert time.monotonic() - started < 10
+    failing["on"] = False
+    q3 = FsQueue(spool)
+    assert {e.evpid for e in q3.load()} == {first[0].evpid, later[0].evpid}
+    await q3.close()
 
 async def test_a_failed_commit_after_a_removal_keeps_it_removed(tmp_path, monkeypatch):
     """The journal is cut back to its last good record after a failed sync; a done record
