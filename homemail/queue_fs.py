@@ -843,13 +843,13 @@ class FsQueue(Queue):
             self._write_unwritten()
             error: BaseException | None = None
             if batch:
-                try:
-                    if self._broken:
-                        raise QueueError("the journal cannot be written: see the log")
-                    self._write_batch(batch)
-                except Exception as exc:  # ENOSPC, EIO, a failed fdatasync …
-                    error = exc
-                    if not self._broken:
+                if self._broken:
+                    error = QueueError("the journal cannot be written: see the log")
+                else:
+                    try:
+                        self._write_batch(batch)
+                    except Exception as exc:  # ENOSPC, EIO, a failed fdatasync …
+                        error = exc
                         self._after_failed_write()
                 seg = self._segments[-1]
                 for item in batch:
@@ -862,7 +862,7 @@ class FsQueue(Queue):
                 more = self._maintain()
             except Exception as exc:  # retried at the next pass; the segment stays
                 more = False
-                self._maintenance_failed(exc)
+                self._maintenance_failed(_reason(exc))
             else:
                 if self._maintenance_error[0] and not self._copy_failed:
                     self._maintenance_error = ("", 0.0)
@@ -887,11 +887,10 @@ class FsQueue(Queue):
         else:
             log.event("-", "queue", "done-records-written", count=len(records))
 
-    def _maintenance_failed(self, exc: Exception) -> None:
+    def _maintenance_failed(self, text: str) -> None:
         """Say why maintenance fails (no inode for a new segment, no room for a copy …): once,
         then again when the reason changes or every ten minutes while it lasts (and once it
         works again, that it does)."""
-        text = str(exc)
         last, at = self._maintenance_error
         if text != last or time.monotonic() - at >= 600:
             self._maintenance_error = (text, time.monotonic())
@@ -983,14 +982,13 @@ class FsQueue(Queue):
                             waiting = True
                             again = msgid in self._copy_failed
                             self._copy_failed[msgid] = time.monotonic() + COPY_RETRY
-                            reason = exc.strerror if isinstance(exc, OSError) else None
                             if not again:  # its retries are said by the line below
                                 log.event(format_id(msgid), "queue", "copy-failed",
-                                          error=reason or str(exc), retry=f"{COPY_RETRY:.0f}s")
+                                          error=_reason(exc), retry=f"{COPY_RETRY:.0f}s")
                             else:
-                                self._maintenance_failed(QueueError(
-                                    f"messages cannot be copied into queue/: {reason or exc}"
-                                ))
+                                self._maintenance_failed(
+                                    f"messages cannot be copied into queue/: {_reason(exc)}"
+                                )
                         else:
                             copied += 1
                             self._copy_failed.pop(msgid, None)
@@ -1232,8 +1230,7 @@ class FsQueue(Queue):
             with self._wakeup:  # the writer appends it as soon as the disk takes it
                 self._unwritten.append(record)
                 self._wakeup.notify()
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            log.event(format_id(evpid), "queue", "done-record-deferred", error=reason,
+            log.event(format_id(evpid), "queue", "done-record-deferred", error=_reason(exc),
                       note="until it is written, a restart delivers this envelope again")
 
     def _remove_file(self, evpid: int) -> None:
@@ -1301,6 +1298,13 @@ class FsQueue(Queue):
         if self._spool_lock >= 0 and release:
             os.close(self._spool_lock)
             self._spool_lock = -1
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, for the log: an OSError's text without its path, else the message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 def _write_all(fd: int, data: bytes) -> None:

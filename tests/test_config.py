@@ -453,13 +453,13 @@ def test_a_lex_error_on_a_continued_line_ends_the_whole_statement() -> None:
     ]
 
 
-
 def test_a_failed_line_whose_comment_ends_in_a_backslash_does_not_continue() -> None:
     err = fail('listen on localhost \x01 # "a note" \\\nlisen on localhost\n' + MINIMAL)
     assert [(e.location, e.message) for e in err.errors] == [
         (loc(1, 21), "unexpected control character U+0001"),
         (loc(2, 1), "unknown keyword 'lisen'"),
     ]
+
 
 def test_errors_of_included_files_in_reading_order(tmp_path: Path) -> None:
     inc = tmp_path / "inc.conf"

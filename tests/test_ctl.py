@@ -1501,7 +1501,6 @@ def test_monitor_prints_events_until_interrupted(
     assert fake.requests[0].args == {}
 
 
-
 def test_monitor_waits_through_quiet_spells(
     daemon: Callable[[dict[str, Handler]], FakeDaemon], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1520,6 +1519,7 @@ def test_monitor_waits_through_quiet_spells(
     fake = daemon({"monitor": handler})
     assert cli(fake.path, "monitor") == ctl.EX_TEMPFAIL  # the daemon went away, at the end
     assert capsys.readouterr().out == "delivery evpid=ab\npaused subsystem=smtp\n"
+
 
 def test_monitor_counters(
     daemon: Callable[[dict[str, Handler]], FakeDaemon], capsys: pytest.CaptureFixture[str]
