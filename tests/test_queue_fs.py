@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -601,6 +602,106 @@ async def test_records_appended_to_a_segment_are_synced_before_it_is_closed(
     await q.close()
 
 
+def active_segment(spool: str) -> Path:
+    return max(Path(spool, "journal").glob("*.log"))
+
+
+async def test_commits_are_written_over_zeros_ahead_and_a_stop_cuts_them_off(tmp_path):
+    """The active segment is made longer (in zeros) ahead of its records, so that a commit
+    need not change the file's size (its sync then writes the data alone); the stop cuts the
+    zeros off, and what was committed reads back."""
+    spool = str(tmp_path)
+    q = FsQueue(spool)
+    q.load()
+    committed = []
+    await q.commit(b"first\r\n", envelopes())
+    size = active_segment(spool).stat().st_size
+    assert size >= 1024 * 1024  # zeros ahead of the first record
+    for n in range(20):
+        envs = envelopes()
+        await q.commit(f"Subject: {n}\r\n\r\n{'x' * 4000}\r\n".encode(), envs)
+        committed.append(envs[0].evpid)
+    assert active_segment(spool).stat().st_size == size  # written over the zeros
+    await q.close()
+    data = active_segment(spool).read_bytes()
+    assert not data.endswith(b"\0")  # the stop cut the zeros off
+    q, loaded = await reopen(q, spool)
+    assert set(committed) <= {e.evpid for e in loaded}
+    await q.close()
+
+
+async def test_after_a_crash_the_zeros_ahead_end_the_replay_and_a_torn_record_is_ignored(
+    tmp_path, capfd
+):
+    """A crash leaves the active segment with zeros after its records (the room written
+    ahead): a start replays every record, says nothing of a torn tail, and starts a new
+    segment.  A record torn over the zeros (the crash mid-write) is ignored, and said."""
+    running = tmp_path / "running"
+    q = FsQueue(str(running))
+    q.load()
+    kept = [envelopes() for _ in range(3)]
+    for n, envs in enumerate(kept):
+        await q.commit(f"m{n}\r\n".encode(), envs)
+    await writer_idle(q)
+    for n, torn in enumerate((False, True)):
+        spool = tmp_path / f"crashed{n}"  # the files as a killed process leaves them
+        shutil.copytree(running, spool)
+        seg = active_segment(str(spool))
+        assert seg.read_bytes().endswith(bytes(4096))
+        if torn:
+            end = len(seg.read_bytes().rstrip(b"\0"))
+            with open(seg, "r+b") as f:
+                f.seek(end)
+                f.write(b"HMQ1M\x00\x00\x00\x40\x00\x00\x00\x10garbage")
+        capfd.readouterr()
+        q2 = FsQueue(str(spool))
+        loaded = q2.load()
+        assert sorted(e.evpid for e in loaded) == sorted(envs[0].evpid for envs in kept)
+        more = envelopes()
+        await q2.commit(b"more\r\n", more)
+        await asyncio.sleep(0)  # (the log's lines of this loop iteration)
+        said = capfd.readouterr().err
+        assert ("journal-tail" in said) == torn, said
+        q3, loaded = await reopen(q2, str(spool))
+        assert more[0].evpid in {e.evpid for e in loaded}
+        assert q3.read_message(more[0].msgid) == b"more\r\n"
+        await q3.close()
+    await q.close()
+
+
+async def test_a_full_disk_that_refuses_the_zeros_ahead_still_takes_the_record(
+    tmp_path, monkeypatch
+):
+    """The zeros written ahead are a saving, not a need: when the disk refuses them, what
+    they took is given back and the record is written (and read back after a restart)."""
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    q = FsQueue(spool)
+    q.load()
+    real = os.pwrite
+    refused: list[int] = []
+
+    def no_room_for_zeros(fd: int, data: bytes, offset: int) -> int:
+        if fd == q._active_fd and not any(bytes(data[:64])):
+            half = real(fd, data[: len(data) // 2], offset)
+            refused.append(half)
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(queue_fs.os, "pwrite", no_room_for_zeros)
+    envs = envelopes()
+    await q.commit(b"taken\r\n", envs)
+    assert refused
+    seg = active_segment(spool)
+    assert seg.stat().st_size == q._segments[-1].size  # nothing left of the zeros
+    monkeypatch.setattr(queue_fs.os, "pwrite", real)
+    q, loaded = await reopen(q, spool)
+    assert [e.evpid for e in loaded] == [envs[0].evpid]
+    assert q.read_message(envs[0].msgid) == b"taken\r\n"
+    await q.close()
+
+
 async def test_envelope_json_escapes_hostile_text(tmp_path):
     spool = str(tmp_path)
     q = FsQueue(spool)
@@ -747,23 +848,23 @@ async def test_a_failed_direct_append_is_cut_back_and_what_follows_survives(
     q.load()
     kept, later = envelopes(), envelopes()
     await q.commit(b"kept\r\n", kept)
-    real = os.write
+    real = os.pwrite
     loop_thread = threading.get_ident()
     torn: list[int] = []  # the bytes written of the record, then the disk is full
 
-    def half_then_full(fd: int, data: bytes) -> int:
+    def half_then_full(fd: int, data: bytes, offset: int) -> int:
         if threading.get_ident() != loop_thread or fd != q._active_fd or len(torn) > 1:
-            return real(fd, data)
+            return real(fd, data, offset)
         if not torn:
-            torn.append(real(fd, bytes(data)[: len(data) // 2]))
+            torn.append(real(fd, bytes(data)[: len(data) // 2], offset))
             return torn[0]
         torn.append(0)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(queue_fs.os, "write", half_then_full)
+    monkeypatch.setattr(queue_fs.os, "pwrite", half_then_full)
     await writer_idle(q)
     await q.remove(kept[0])  # delivered: its done record waits for room
-    monkeypatch.setattr(queue_fs.os, "write", real)
+    monkeypatch.setattr(queue_fs.os, "pwrite", real)
     assert len(torn) == 2 and torn[0] > 0  # part of the record did reach the file
     await q.commit(b"later\r\n", later)
     q._cache.clear()
@@ -789,32 +890,32 @@ async def test_a_done_record_the_full_disk_refused_is_written_when_room_comes_ba
     done, other = envelopes(), envelopes()
     await q.commit(b"done\r\n", done)
     await q.commit(b"other\r\n", other)
-    real = os.write
+    real = os.pwrite
 
-    def full(fd: int, data: bytes) -> int:
+    def full(fd: int, data: bytes, offset: int) -> int:
         if fd == q._active_fd:
             raise OSError(28, "No space left on device")
-        return real(fd, data)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(queue_fs.os, "write", full)
+    monkeypatch.setattr(queue_fs.os, "pwrite", full)
     await writer_idle(q)
     await q.remove(done[0])  # no error: the delivery happened
     await asyncio.sleep(0.2)
     assert q._unwritten, "the record was dropped while the disk was full"
-    monkeypatch.setattr(queue_fs.os, "write", real)
+    monkeypatch.setattr(queue_fs.os, "pwrite", real)
     await wait_for(lambda: not q._unwritten, "the done record written", seconds=15)
     await crash(q)  # no clean stop: the journal alone must say it
     q2 = FsQueue(spool)
     assert [e.evpid for e in q2.load()] == [other[0].evpid]
 
     q = q2  # (full() refuses the writes to this queue's journal now)
-    monkeypatch.setattr(queue_fs.os, "write", full)
+    monkeypatch.setattr(queue_fs.os, "pwrite", full)
     await writer_idle(q2)
     await q2.remove(other[0])
     await q2.close()
     await asyncio.sleep(0)  # (the log's lines of this loop iteration)
     assert "1 done records could not be written" in capfd.readouterr().err
-    monkeypatch.setattr(queue_fs.os, "write", real)
+    monkeypatch.setattr(queue_fs.os, "pwrite", real)
     q3 = FsQueue(spool)
     assert [e.evpid for e in q3.load()] == [other[0].evpid]  # (delivered again, as it said)
     await q3.close()
@@ -834,15 +935,16 @@ async def test_commits_are_refused_while_a_torn_write_cannot_be_repaired(tmp_pat
     q.load()
     first = envelopes()
     await q.commit(b"first\r\n", first)
-    real_write, real_truncate, real_open = os.write, os.ftruncate, os.open
+    real_write, real_truncate, real_open = os.pwrite, os.ftruncate, os.open
     failing = {"on": True, "torn": False}
 
-    def write(fd: int, data: bytes) -> int:
-        if failing["on"] and fd == q._active_fd and not failing["torn"]:
+    def write(fd: int, data: bytes, offset: int) -> int:
+        record = bytes(data[:4]) == b"HMQ1"  # (not the zeros written ahead of the records)
+        if failing["on"] and fd == q._active_fd and record and not failing["torn"]:
             failing["torn"] = True
-            real_write(fd, bytes(data)[:20])
+            real_write(fd, bytes(data)[:20], offset)
             raise OSError(errno.EIO, "Input/output error")
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
     def truncate(fd: int, length: int) -> None:
         if failing["on"]:
@@ -854,7 +956,7 @@ async def test_commits_are_refused_while_a_torn_write_cannot_be_repaired(tmp_pat
             raise OSError(errno.EIO, "Input/output error")
         return real_open(path, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(queue_fs.os, "write", write)
+    monkeypatch.setattr(queue_fs.os, "pwrite", write)
     monkeypatch.setattr(queue_fs.os, "ftruncate", truncate)
     monkeypatch.setattr(queue_fs.os, "open", open_)
     with pytest.raises(QueueError, match="Input/output error"):
