@@ -24,9 +24,9 @@ of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 
 [...]}``, data = the message), ``U`` an envelope's new state (JSON: the envelope), ``D`` an
 envelope done (JSON ``{"evpid"}``).  A record that is short or fails its CRC ends the segment (a
 crash mid-append); the daemon always starts a fresh segment, so nothing is appended after it.
-The active segment's file runs up to a MiB past its records in zeros written ahead (cut off
-when it is sealed): a record written over them leaves the file's size and blocks as they were,
-so its fdatasync writes the data alone, not the inode too.  Replay ends at the zeros.
+The active segment's file runs up to a MiB past its records in zeros written and synced ahead
+(cut off when it is sealed): a record written over them leaves the file's size and blocks as
+they were, so its fdatasync writes the data alone, not the inode too.  Replay ends at the zeros.
 A write that fails while running is cut back to the last whole record (or, failing that, its
 segment is sealed and a new one opened); when neither works, commits are refused until the
 writer's next try does, since replay would never reach a record written after a torn one.  A
@@ -639,9 +639,11 @@ class FsQueue(Queue):
 
     def _replay(self, seg: _Segment) -> None:
         """Apply a segment's records.  A record cut short ends the segment (a torn tail: it
-        was never acknowledged); a whole record that does not read, with the next one where
-        its lengths say, is skipped, logged, and the segment kept as ``.corrupt`` when it is
-        released, so that one bad byte costs one record, not every record after it."""
+        was never acknowledged), as do the zeros written ahead of the records; a whole record
+        that does not read, with the next one where its lengths say (or only zeros after it:
+        a write torn there looks the same as a bad byte), is skipped, logged, and the segment
+        kept as ``.corrupt`` when it is released, so that one bad byte costs one record, not
+        every record after it."""
         with open(seg.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             pos = 0
@@ -663,20 +665,21 @@ class FsQueue(Queue):
                         raise ValueError("checksum")
                     self._apply(seg, kind, json.loads(js), data_offset, dlen)
                 except Exception as exc:  # a bad record, of whatever shape
+                    # skipped if the next record is where its lengths say, or nothing but
+                    # zeros (those written ahead) or the end of the file follow it
                     following = f.read(len(MAGIC))
-                    f.seek(end)
-                    if end != size and following != MAGIC:
+                    if following != MAGIC and _data_end(f, end) > end:
                         break  # its lengths are not to be trusted either: stop here
+                    f.seek(end)
                     seg.corrupt = True
                     log.event("-", "queue", "corrupt-record", segment=os.path.basename(seg.path),
                               offset=pos, kind=chr(kind) if 32 < kind < 127 else kind,
                               error=type(exc).__name__)
                 pos = end
-            if pos < size and not _zeros_to_the_end(f, pos):
-                # a torn tail (a crash mid-write): logged, nothing to keep; zeros alone are
-                # the room written ahead of the records
+            tail = _data_end(f, pos) if pos < size else pos  # (not the zeros written ahead)
+            if tail > pos:  # a torn tail (a crash mid-write): logged, nothing to keep
                 log.event("-", "queue", "journal-tail", segment=os.path.basename(seg.path),
-                          ignored=size - pos, offset=pos)
+                          ignored=tail - pos, offset=pos)
             seg.size = pos
 
     def _apply(self, seg: _Segment, kind: int, meta: Any, offset: int, length: int) -> None:
@@ -935,23 +938,29 @@ class FsQueue(Queue):
         if end > seg.room:
             self._make_room(seg, end)
         _pwrite_all(self._active_fd, data, seg.size)
+        seg.room = max(seg.room, end)  # the file's size (the zeros may have been refused)
         if sync:
             os.fdatasync(self._active_fd)
         seg.size = end
 
     def _make_room(self, seg: _Segment, end: int) -> None:
-        """Write zeros up to ``ROOM_AHEAD`` past ``end``.  Records written over them change
-        neither the file's size nor its blocks, so their fdatasync writes their data alone,
-        not the inode as well: on this class of disk that is two to three times the syncs a
-        second, at half the CPU.  On a full disk the records grow the file themselves."""
+        """Write zeros up to ``ROOM_AHEAD`` past ``end``, and sync them.  Records written over
+        them change neither the file's size nor its blocks, so their fdatasync writes their
+        data alone, not the inode as well: on this class of disk that is two to three times
+        the syncs a second, at half the CPU.  The zeros' own sync is what makes that safe:
+        without it, writeback could allocate their blocks and leave the inode written only to
+        the block device's cache (ext4 without a journal), which a later fdatasync, seeing
+        nothing of the file's own to write, would not write either.  On a full disk the
+        records grow the file themselves."""
         start = max(seg.room, end)
         target = end + ROOM_AHEAD
         try:
             while start < target:
                 start += os.pwrite(self._active_fd, _ZEROS[: target - start], start)
+            os.fdatasync(self._active_fd)
         except OSError:
             with contextlib.suppress(OSError):  # what was written ahead goes to the records
-                os.ftruncate(self._active_fd, seg.room)
+                os.ftruncate(self._active_fd, max(seg.room, seg.size))
             return
         seg.room = target
 
@@ -1365,12 +1374,16 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
-def _zeros_to_the_end(f: BinaryIO, pos: int) -> bool:
+def _data_end(f: BinaryIO, pos: int) -> int:
+    """The offset past the file's last byte that is not a zero, ``pos`` if none follows it."""
     f.seek(pos)
+    end = pos
     while chunk := f.read(1 << 20):
-        if chunk.count(0) != len(chunk):
-            return False
-    return True
+        kept = len(chunk.rstrip(b"\0"))
+        if kept:
+            end = pos + kept
+        pos += len(chunk)
+    return end
 
 
 def _after_last_line(fd: int, end: int) -> int:

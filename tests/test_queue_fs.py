@@ -606,15 +606,36 @@ def active_segment(spool: str) -> Path:
     return max(Path(spool, "journal").glob("*.log"))
 
 
-async def test_commits_are_written_over_zeros_ahead_and_a_stop_cuts_them_off(tmp_path):
-    """The active segment is made longer (in zeros) ahead of its records, so that a commit
-    need not change the file's size (its sync then writes the data alone); the stop cuts the
-    zeros off, and what was committed reads back."""
+async def test_commits_are_written_over_zeros_ahead_and_a_stop_cuts_them_off(
+    tmp_path, monkeypatch
+):
+    """The active segment is made longer (in zeros, synced before any record is written over
+    them) ahead of its records, so that a commit need not change the file's size (its sync
+    then writes the data alone); the stop cuts the zeros off, and what was committed reads
+    back."""
+    import homemail.queue_fs as queue_fs
+
     spool = str(tmp_path)
     q = FsQueue(spool)
     q.load()
+    events: list[str] = []
+    real_pwrite, real_sync = os.pwrite, os.fdatasync
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if fd == q._active_fd:
+            events.append("record" if any(bytes(data[:64])) else "zeros")
+        return real_pwrite(fd, data, offset)
+
+    def sync(fd: int) -> None:
+        if fd == q._active_fd:
+            events.append("sync")
+        real_sync(fd)
+
+    monkeypatch.setattr(queue_fs.os, "pwrite", pwrite)
+    monkeypatch.setattr(queue_fs.os, "fdatasync", sync)
     committed = []
     await q.commit(b"first\r\n", envelopes())
+    assert events == ["zeros", "sync", "record", "sync"]
     size = active_segment(spool).stat().st_size
     assert size >= 1024 * 1024  # zeros ahead of the first record
     for n in range(20):
@@ -622,6 +643,7 @@ async def test_commits_are_written_over_zeros_ahead_and_a_stop_cuts_them_off(tmp
         await q.commit(f"Subject: {n}\r\n\r\n{'x' * 4000}\r\n".encode(), envs)
         committed.append(envs[0].evpid)
     assert active_segment(spool).stat().st_size == size  # written over the zeros
+    assert "zeros" not in events[1:]
     await q.close()
     data = active_segment(spool).read_bytes()
     assert not data.endswith(b"\0")  # the stop cut the zeros off
@@ -635,7 +657,8 @@ async def test_after_a_crash_the_zeros_ahead_end_the_replay_and_a_torn_record_is
 ):
     """A crash leaves the active segment with zeros after its records (the room written
     ahead): a start replays every record, says nothing of a torn tail, and starts a new
-    segment.  A record torn over the zeros (the crash mid-write) is ignored, and said."""
+    segment.  A record torn over the zeros (a crash mid-write, or a bad byte in the last
+    record) is ignored, and said; the segment is kept for whoever looks into it."""
     running = tmp_path / "running"
     q = FsQueue(str(running))
     q.load()
@@ -661,7 +684,9 @@ async def test_after_a_crash_the_zeros_ahead_end_the_replay_and_a_torn_record_is
         await q2.commit(b"more\r\n", more)
         await asyncio.sleep(0)  # (the log's lines of this loop iteration)
         said = capfd.readouterr().err
-        assert ("journal-tail" in said) == torn, said
+        assert ("corrupt-record" in said) == torn, said
+        assert "journal-tail" not in said, said
+        assert q2._segments[0].corrupt == torn
         q3, loaded = await reopen(q2, str(spool))
         assert more[0].evpid in {e.evpid for e in loaded}
         assert q3.read_message(more[0].msgid) == b"more\r\n"
@@ -673,7 +698,8 @@ async def test_a_full_disk_that_refuses_the_zeros_ahead_still_takes_the_record(
     tmp_path, monkeypatch
 ):
     """The zeros written ahead are a saving, not a need: when the disk refuses them, what
-    they took is given back and the record is written (and read back after a restart)."""
+    they took is given back and the records are written, each one after the last (and read
+    back after a restart)."""
     import homemail.queue_fs as queue_fs
 
     spool = str(tmp_path)
@@ -690,15 +716,17 @@ async def test_a_full_disk_that_refuses_the_zeros_ahead_still_takes_the_record(
         return real(fd, data, offset)
 
     monkeypatch.setattr(queue_fs.os, "pwrite", no_room_for_zeros)
-    envs = envelopes()
-    await q.commit(b"taken\r\n", envs)
-    assert refused
-    seg = active_segment(spool)
-    assert seg.stat().st_size == q._segments[-1].size  # nothing left of the zeros
+    taken = [envelopes() for _ in range(3)]
+    for n, envs in enumerate(taken):
+        await q.commit(f"taken {n}\r\n".encode(), envs)
+        assert len(refused) == n + 1
+        seg = active_segment(spool)
+        assert seg.stat().st_size == q._segments[-1].size  # nothing left of the zeros
     monkeypatch.setattr(queue_fs.os, "pwrite", real)
     q, loaded = await reopen(q, spool)
-    assert [e.evpid for e in loaded] == [envs[0].evpid]
-    assert q.read_message(envs[0].msgid) == b"taken\r\n"
+    assert sorted(e.evpid for e in loaded) == sorted(envs[0].evpid for envs in taken)
+    for n, envs in enumerate(taken):
+        assert q.read_message(envs[0].msgid) == f"taken {n}\r\n".encode()
     await q.close()
 
 
@@ -1021,6 +1049,8 @@ async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch):
 
     q = FsQueue(str(tmp_path))
     q.load()
+    earlier = envelopes()
+    await q.commit(b"earlier\r\n", earlier)  # (and zeros ahead: the next sync is a record's)
     real = os.fdatasync
     calls = {"n": 0}
 
@@ -1040,7 +1070,7 @@ async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch):
     assert q.read_message(kept[0].msgid) == b"second\r\n"
     monkeypatch.setattr(queue_fs.os, "fdatasync", real)
     q, loaded = await reopen(q, str(tmp_path))
-    assert [e.evpid for e in loaded] == [kept[0].evpid]
+    assert sorted(e.evpid for e in loaded) == sorted([earlier[0].evpid, kept[0].evpid])
     assert q.read_message(kept[0].msgid) == b"second\r\n"
     await q.close()
 
