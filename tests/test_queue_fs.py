@@ -652,6 +652,20 @@ async def test_commits_are_written_over_zeros_ahead_and_a_stop_cuts_them_off(
     await q.close()
 
 
+async def test_a_large_record_grows_the_segment_itself(tmp_path):
+    """Zeros are written ahead for small records only: for a large one they would cost more
+    bytes than the inode's write they spare."""
+    spool = str(tmp_path)
+    q = FsQueue(spool)
+    q.load()
+    large = b"Subject: large\r\n\r\n" + b"x" * 100_000 + b"\r\n"
+    await q.commit(large, envelopes())
+    assert active_segment(spool).stat().st_size == q._segments[-1].size  # no zeros
+    await q.commit(b"small\r\n", envelopes())
+    assert active_segment(spool).stat().st_size > q._segments[-1].size + 512 * 1024
+    await q.close()
+
+
 async def test_after_a_crash_the_zeros_ahead_end_the_replay_and_a_torn_record_is_ignored(
     tmp_path, capfd
 ):
