@@ -26,8 +26,8 @@ envelope done (JSON ``{"evpid"}``).  A record that is short or fails its CRC end
 crash mid-append); the daemon always starts a fresh segment, so nothing is appended after it.
 The active segment's file runs up to a MiB past its records in zeros written and synced ahead
 (cut off when it is sealed): a record written over them leaves the file's size and blocks as
-they were, so its fdatasync writes the data alone, not the inode too.  (Only small writes make
-room so: the zeros cost as many bytes as the records.)  Replay ends at the zeros.
+they were, so its fdatasync writes the data alone, not the inode too.  (Only a small synced
+write makes room so: the zeros cost as many bytes as the records.)  Replay ends at the zeros.
 A write that fails while running is cut back to the last whole record (or, failing that, its
 segment is sealed and a new one opened); when neither works, commits are refused until the
 writer's next try does, since replay would never reach a record written after a torn one.  A
@@ -109,8 +109,8 @@ CLOSE_WAIT = 30.0  # seconds a stop waits for the journal's writer thread
 CACHE_BYTES = 64 * 1024 * 1024
 # zeros written ahead of the active segment's records, so that most syncs write data only
 ROOM_AHEAD = 1024 * 1024
-# only for writes up to this size: the zeros cost as many bytes as the records written over
-# them, and a larger write costs more than the inode's write it spares
+# made for synced writes up to this size only: the zeros cost as many bytes as the records
+# written over them, which for a larger write costs more than the inode's write it spares
 ROOM_FOR = 32 * 1024
 _ZEROS = memoryview(bytes(ROOM_AHEAD))
 
@@ -939,7 +939,7 @@ class FsQueue(Queue):
         """Append to the active segment (the writer thread, or a caller while it is idle)."""
         seg = self._segments[-1]
         end = seg.size + len(data)
-        if end > seg.room and len(data) <= ROOM_FOR:
+        if end > seg.room and sync and len(data) <= ROOM_FOR:
             self._make_room(seg, end)
         _pwrite_all(self._active_fd, data, seg.size)
         seg.room = max(seg.room, end)  # the file's size (the zeros may have been refused)
