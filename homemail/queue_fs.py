@@ -249,7 +249,8 @@ class FsQueue(Queue):
         # done (D) records whose append failed (a full disk): written by the writer's first
         # pass that the disk takes, so that a delivered message does not come back at a start
         self._unwritten: list[bytes] = []
-        self._maintenance_error = ("", 0.0)  # the last one logged, and when (monotonic)
+        # why maintenance failed, each reason with when it was last logged (monotonic)
+        self._maintenance_errors: dict[str, float] = {}
         self._copy_failed: dict[int, float] = {}  # msgid: when to try its copy again (monotonic)
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -895,8 +896,8 @@ class FsQueue(Queue):
                 more = False
                 self._maintenance_failed(_reason(exc))
             else:
-                if self._maintenance_error[0] and not self._copy_failed:
-                    self._maintenance_error = ("", 0.0)
+                if self._maintenance_errors and not self._copy_failed:
+                    self._maintenance_errors.clear()
                     log.info("queue: maintenance of the journal works again")
             if closing and not batch:
                 self._seal_active()  # the unsynced U and D records, at a clean stop
@@ -918,12 +919,14 @@ class FsQueue(Queue):
             log.event("-", "queue", "done-records-written", count=len(records))
 
     def _maintenance_failed(self, text: str) -> None:
-        """Say why maintenance fails (no inode for a new segment, no room for a copy …): once,
-        then again when the reason changes or every ten minutes while it lasts (and once it
-        works again, that it does)."""
-        last, at = self._maintenance_error
-        if text != last or time.monotonic() - at >= 600:
-            self._maintenance_error = (text, time.monotonic())
+        """Say why maintenance fails (no inode for a new segment, no room for a copy …): each
+        reason once, then every ten minutes while it lasts (and once it works again, that it
+        does)."""
+        now = time.monotonic()
+        if now - self._maintenance_errors.get(text, -600.0) >= 600:
+            if len(self._maintenance_errors) >= 64:  # (reasons are few: a text naming a file?)
+                self._maintenance_errors.clear()
+            self._maintenance_errors[text] = now
             log.error(f"queue: maintenance of the journal failed (retried): {text}")
 
     def _write_batch(self, batch: list[_Pending]) -> None:
