@@ -28,9 +28,12 @@ The active segment's file runs up to a MiB past its records in zeros written and
 (cut off when it is sealed): a record written over them leaves the file's size and blocks as
 they were, so its fdatasync writes the data alone, not the inode too.  (Only a small synced
 write makes room so: the zeros cost as many bytes as the records.)  Replay ends at the zeros.
-A write that fails while running is cut back to the last whole record (or, failing that, its
-segment is sealed and a new one opened); when neither works, commits are refused until the
-writer's next try does, since replay would never reach a record written after a torn one.  A
+A write that fails while running is cut back to the last whole record.  After a failed sync
+(what was written since the last good one may be missing: the kernel says so once, and the next
+sync succeeds), or a failed cut-back, the segment is sealed and a new one opened; when that
+fails too, commits are refused until the writer's next try works, since replay would never
+reach a record written after a torn one or a hole.  (The U and D records a failed sync lost
+cost a repeated attempt, or a delivery repeated after a restart: never a message.)  A
 ``D`` record that cannot be written (a full disk) is kept and appended by the writer's first
 pass that the disk takes: until then a restart would deliver that envelope again.  (The records
 of a failed batch may still be whole in the segment sealed that way: a message refused with a
@@ -112,7 +115,8 @@ ROOM_AHEAD = 1024 * 1024
 # made for synced writes up to this size only: the zeros cost as many bytes as the records
 # written over them, which for a larger write costs more than the inode's write it spares
 ROOM_FOR = 32 * 1024
-_ZEROS = memoryview(bytes(ROOM_AHEAD))
+_ZEROS = memoryview(bytes(ROOM_AHEAD + ROOM_FOR))  # (room from its end to past a write)
+
 
 
 def fsync_dir(path: str) -> None:
@@ -246,6 +250,10 @@ class FsQueue(Queue):
         # may be appended after what may be a torn record (replay stops there), so commits are
         # refused until the writer's next repair works
         self._broken = False
+        # an fdatasync of the active segment failed: what was written since the last good one
+        # may not be on the disk (the kernel says so once; a sync after that succeeds), so
+        # nothing more goes into that segment: a commit there could follow a hole
+        self._sync_failed = False
         # done (D) records whose append failed (a full disk): written by the writer's first
         # pass that the disk takes, so that a delivered message does not come back at a start
         self._unwritten: list[bytes] = []
@@ -644,11 +652,11 @@ class FsQueue(Queue):
 
     def _replay(self, seg: _Segment) -> None:
         """Apply a segment's records.  A record cut short ends the segment (a torn tail: it
-        was never acknowledged), as do the zeros written ahead of the records; a whole record
-        that does not read, with the next one where its lengths say (or only zeros after it:
-        a write torn there looks the same as a bad byte), is skipped, logged, and the segment
-        kept as ``.corrupt`` when it is released, so that one bad byte costs one record, not
-        every record after it."""
+        was never acknowledged), as do the zeros written ahead of the records and a record
+        written over them in part; a whole record that does not read, with the next one where
+        its lengths say (or only zeros after it), is skipped, logged, and the segment kept as
+        ``.corrupt`` when it is released, so that one bad byte costs one record, not every
+        record after it."""
         with open(seg.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             pos = 0
@@ -671,9 +679,13 @@ class FsQueue(Queue):
                     self._apply(seg, kind, json.loads(js), data_offset, dlen)
                 except Exception as exc:  # a bad record, of whatever shape
                     # skipped if the next record is where its lengths say, or nothing but
-                    # zeros (those written ahead) or the end of the file follow it
+                    # zeros (those written ahead) or the end of the file follow it; but one
+                    # ending in a zero byte over the zeros is a write a crash cut short (a
+                    # whole record ends in "}" or a message's line end)
                     following = f.read(len(MAGIC))
-                    if following != MAGIC and _data_end(f, end) > end:
+                    if following != MAGIC and (
+                        _data_end(f, end) > end or (data or js)[-1:] in (b"", b"\0")
+                    ):
                         break  # its lengths are not to be trusted either: stop here
                     f.seek(end)
                     seg.corrupt = True
@@ -807,6 +819,7 @@ class FsQueue(Queue):
             os.close(self._active_fd)
             self._segments[-1].sealed_at = time.time()
         self._active_fd = fd
+        self._sync_failed = False
         self._active_opened = time.time()
         self._segments.append(_Segment(seq, path, size=size, room=size))
 
@@ -947,8 +960,15 @@ class FsQueue(Queue):
         _pwrite_all(self._active_fd, data, seg.size)
         seg.room = max(seg.room, end)  # the file's size (the zeros may have been refused)
         if sync:
-            os.fdatasync(self._active_fd)
+            self._sync_active()
         seg.size = end
+
+    def _sync_active(self) -> None:
+        try:
+            os.fdatasync(self._active_fd)
+        except OSError:
+            self._sync_failed = True
+            raise
 
     def _make_room(self, seg: _Segment, end: int) -> None:
         """Write zeros up to ``ROOM_AHEAD`` past ``end``, and sync them.  Records written over
@@ -957,39 +977,48 @@ class FsQueue(Queue):
         the syncs a second, at half the CPU.  The zeros' own sync is what makes that safe:
         without it, writeback could allocate their blocks and leave the inode written only to
         the block device's cache (ext4 without a journal), which a later fdatasync, seeing
-        nothing of the file's own to write, would not write either.  On a full disk the
-        records grow the file themselves."""
-        start = max(seg.room, end)
+        nothing of the file's own to write, would not write either.  (From the end of the
+        room there is, not of the records: a hole where they go would be a change again.)  On
+        a full disk the records grow the file themselves; a failed sync is the batch's."""
+        start = seg.room
         target = end + ROOM_AHEAD
         try:
             while start < target:
                 start += os.pwrite(self._active_fd, _ZEROS[: target - start], start)
-            os.fdatasync(self._active_fd)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
             with contextlib.suppress(OSError):  # what was written ahead goes to the records
                 os.ftruncate(self._active_fd, max(seg.room, seg.size))
             return
+        self._sync_active()
         seg.room = target
 
     def _after_failed_write(self) -> None:
         """A write or sync failed: no record may follow what may be a torn one.
 
-        The segment is cut back to its last good size; if even that fails, it is sealed and a
-        new one opened, so replay (which stops at a torn record) never hides a later commit.
+        After a failed write the segment is cut back to its last good size; after a failed
+        sync (what was written since the last good one may be missing: a hole), or if the
+        cut-back fails, it is sealed and a new one opened, so replay (which stops at a torn
+        record) never hides a later commit.
         """
         seg = self._segments[-1]
-        try:
-            os.ftruncate(self._active_fd, seg.size)
-            seg.room = seg.size
-            os.fdatasync(self._active_fd)
-        except OSError as exc:
+        why = "a sync failed" if self._sync_failed else ""
+        if not why:
+            try:
+                os.ftruncate(self._active_fd, seg.size)
+                seg.room = seg.size
+                self._sync_active()
+            except OSError as exc:
+                why = f"its cut-back failed: {exc}"
+        if why:
             try:
                 self._open_segment(seg.seq + 1)
             except OSError as again:
                 if not self._broken:
                     log.error(
-                        f"queue: a failed write to the journal can be neither cut back ({exc}) "
-                        f"nor followed by a new segment ({again}): mail is refused until it can"
+                        f"queue: after a failed write to the journal ({why}) no new segment "
+                        f"can be opened ({again}): mail is refused until one can"
                     )
                 self._broken = True
                 return
