@@ -680,11 +680,12 @@ class FsQueue(Queue):
                 except Exception as exc:  # a bad record, of whatever shape
                     # skipped if the next record is where its lengths say, or nothing but
                     # zeros (those written ahead) or the end of the file follow it; but one
-                    # ending in a zero byte over the zeros is a write a crash cut short (a
-                    # whole record ends in "}" or a message's line end)
+                    # whose end is zeros from a sector's start on, over the zeros, is a write
+                    # a crash cut short (the disk took its first sectors, not the rest)
                     following = f.read(len(MAGIC))
+                    zeros_from = end - (len(js) + len(data)) + len((js + data).rstrip(b"\0"))
                     if following != MAGIC and (
-                        _data_end(f, end) > end or (data or js)[-1:] in (b"", b"\0")
+                        _data_end(f, end) > end or (zeros_from < end and zeros_from % 512 == 0)
                     ):
                         break  # its lengths are not to be trusted either: stop here
                     f.seek(end)
@@ -805,14 +806,24 @@ class FsQueue(Queue):
     # -- the commit thread -------------------------------------------------------------------
 
     def _open_segment(self, seq: int) -> None:
-        path = os.path.join(self.journal_dir, f"{seq:016x}.log")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        while True:
+            path = os.path.join(self.journal_dir, f"{seq:016x}.log")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                # left by an open that failed after making it: its entry in journal/ may never
+                # reach the disk (a sync of the directory that failed does not write it again),
+                # so the segment's records could vanish with it; the next number is clean
+                seq += 1
+                continue
+            break
         try:
-            size = os.fstat(fd).st_size  # (0: only a failed open of this one came before)
             os.fsync(fd)
             fsync_dir(self.journal_dir)
         except OSError:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             raise
         if self._active_fd >= 0:
             self._seal_active()
@@ -821,7 +832,7 @@ class FsQueue(Queue):
         self._active_fd = fd
         self._sync_failed = False
         self._active_opened = time.time()
-        self._segments.append(_Segment(seq, path, size=size, room=size))
+        self._segments.append(_Segment(seq, path))
 
     def _seal_active(self) -> None:
         """Sync the active segment's last U and D records (a failed one was cut back), its

@@ -691,7 +691,8 @@ async def test_after_a_crash_the_zeros_ahead_end_the_replay_and_a_torn_record_is
     q.load()
     kept = [envelopes() for _ in range(3)]
     for n, envs in enumerate(kept):
-        await q.commit(f"m{n}\r\n".encode(), envs)
+        # (the last one ends in a NUL byte, as a file in the offline spool may)
+        await q.commit(f"m{n}\r\n".encode() + b"\0" * (n == 2), envs)
     await writer_idle(q)
     for case in ("clean", "torn", "bad byte"):
         spool = tmp_path / case  # the files as a killed process leaves them
@@ -699,12 +700,15 @@ async def test_after_a_crash_the_zeros_ahead_end_the_replay_and_a_torn_record_is
         seg = active_segment(str(spool))
         data = seg.read_bytes()
         assert data.endswith(bytes(4096))
-        end = len(data.rstrip(b"\0"))
+        end = len(data.rstrip(b"\0")) + 1  # (the last message's NUL)
         with open(seg, "r+b") as f:
-            if case == "torn":  # a header and part of its JSON: the rest never reached the disk
+            if case == "torn":  # its first sectors: the rest never reached the disk
+                sector = -(-(end + HEADER.size + 8) // 512) * 512
+                written = sector - end - HEADER.size
                 f.seek(end)
-                f.write(HEADER.pack(MAGIC, ord("M"), 64, 16, 12345) + b'{"msgid":')
-            elif case == "bad byte":  # in the last message
+                f.write(HEADER.pack(MAGIC, ord("M"), written + 100, 16, 12345))
+                f.write(b'{"msgid":' + b"1" * (written - 9))
+            elif case == "bad byte":  # in the last message (whose last byte is a zero)
                 f.seek(end - 3)
                 f.write(bytes([data[end - 3] ^ 0xFF]))
         capfd.readouterr()
@@ -1218,6 +1222,63 @@ async def test_after_a_failed_sync_no_commit_follows_what_may_be_missing(
     await q.close()
     monkeypatch.undo()
     q2 = FsQueue(str(tmp_path / "crashed"))
+    assert acked[0].evpid in {e.evpid for e in q2.load()}
+    await q2.close()
+
+
+async def test_a_segment_whose_entry_may_not_be_on_the_disk_is_not_taken_again(
+    tmp_path, monkeypatch
+):
+    """A new segment whose directory sync failed is not reopened by the retry: that would add
+    no entry, so the directory's next sync would succeed without writing the one whose write
+    failed, and the commits in it would vanish with it in a power loss."""
+    import errno
+
+    import homemail.queue_fs as queue_fs
+
+    running = tmp_path / "running"
+    journal = str(running / "journal")
+    q = FsQueue(str(running), materialize_after=3600)
+    q.load()
+    await q.commit(b"first\r\n", envelopes())
+    cache = PageCache(journal, monkeypatch)
+    durable = set(os.listdir(journal))  # the names whose entries are on the disk
+    dirty: set[str] = set()
+    failures = [1]
+    real_open, real_fsync_dir = os.open, queue_fs.fsync_dir
+
+    def open_(path: str, flags: int, *args: int) -> int:
+        new = bool(flags & os.O_CREAT) and not os.path.exists(path)
+        fd = real_open(path, flags, *args)
+        if new and os.path.dirname(str(path)) == journal:
+            dirty.add(os.path.basename(str(path)))
+        return fd
+
+    def fsync_dir(path: str) -> None:
+        if str(path) == journal and dirty:
+            if failures[0]:
+                failures[0] -= 1
+                dirty.clear()  # the block is clean now, its new entry never written
+                raise OSError(errno.EIO, "Input/output error")
+            durable.update(dirty)
+            dirty.clear()
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(queue_fs.os, "open", open_)
+    monkeypatch.setattr(queue_fs, "fsync_dir", fsync_dir)
+    cache.fail_next_sync = True  # the journal goes on in a new segment: its entry fails
+    with pytest.raises(QueueError):
+        await q.commit(b"refused\r\n", envelopes())
+    acked = envelopes()
+    await q.commit(b"acked\r\n", acked)  # after the writer's retry
+    crashed = tmp_path / "crashed"
+    cache.power_loss(running, crashed)
+    for name in os.listdir(crashed / "journal"):
+        if name.endswith(".log") and name not in durable:
+            os.unlink(crashed / "journal" / name)  # its entry never reached the disk
+    await q.close()
+    monkeypatch.undo()
+    q2 = FsQueue(str(crashed))
     assert acked[0].evpid in {e.evpid for e in q2.load()}
     await q2.close()
 
