@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -1223,6 +1224,82 @@ async def test_after_a_failed_sync_no_commit_follows_what_may_be_missing(
     monkeypatch.undo()
     q2 = FsQueue(str(tmp_path / "crashed"))
     assert acked[0].evpid in {e.evpid for e in q2.load()}
+    await q2.close()
+
+
+@pytest.mark.parametrize("seed", range(24))
+async def test_what_was_acknowledged_survives_a_power_loss_after_random_failures(
+    tmp_path, monkeypatch, seed
+):
+    """Commits, updates and removals with failed syncs (the page cache's rules), failed
+    segment opens, rotations and direct appends, at random: after a power loss every commit
+    acknowledged and not removed is back, with its message."""
+    import errno
+    import random
+
+    import homemail.queue_fs as queue_fs
+
+    rnd = random.Random(seed)
+    running = tmp_path / "running"
+    q = FsQueue(
+        str(running),
+        segment_max_bytes=rnd.choice([20_000, 200_000, 2_000_000]),
+        segment_max_age=rnd.choice([0.0, 0.05, 30.0]),
+        materialize_after=3600,
+    )
+    q.load()
+    cache = PageCache(str(running / "journal"), monkeypatch)
+    real_open = os.open
+    failing_opens = [0]
+
+    def open_(path: str, *args: int) -> int:
+        if failing_opens[0] and str(path).endswith(".log"):
+            failing_opens[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, *args)
+
+    monkeypatch.setattr(queue_fs.os, "open", open_)
+    acked: dict[int, bytes] = {}
+    live: list[list[Envelope]] = []
+    for step in range(120):
+        fault = rnd.random()
+        if fault < 0.08:
+            cache.fail_next_sync = True
+        elif fault < 0.11:
+            failing_opens[0] = rnd.randint(1, 3)
+        if rnd.random() < 0.3:
+            await writer_idle(q)  # (so that updates and removals are appended directly)
+        op = rnd.random()
+        if op < 0.45 or not live:
+            envs = envelopes()
+            body = f"m{step}\r\n".encode() + b"y" * rnd.choice([10, 3000, 40_000])
+            try:
+                await q.commit(body, envs)
+            except QueueError:
+                continue
+            acked[envs[0].evpid] = body
+            live.append(envs)
+        elif op < 0.85:
+            envs = rnd.choice(live)
+            envs[0].retry += 1
+            envs[0].last_error = "4.2.0 busy " + "z" * rnd.randint(0, 600)
+            with contextlib.suppress(QueueError):
+                await q.update(envs[0])
+        else:
+            envs = live.pop(rnd.randrange(len(live)))
+            await q.remove(envs[0])
+            del acked[envs[0].evpid]
+        if rnd.random() < 0.1:
+            await asyncio.sleep(0.06)  # (time for rotations)
+    await writer_idle(q)
+    cache.power_loss(running, tmp_path / "crashed")
+    await q.close()
+    monkeypatch.undo()
+    q2 = FsQueue(str(tmp_path / "crashed"))
+    loaded = {e.evpid for e in q2.load()}
+    assert not set(acked) - loaded, f"{len(set(acked) - loaded)} of {len(acked)} lost"
+    for evpid, body in acked.items():
+        assert q2.read_message(evpid >> 32) == body
     await q2.close()
 
 
