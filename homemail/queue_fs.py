@@ -118,7 +118,6 @@ ROOM_FOR = 32 * 1024
 _ZEROS = memoryview(bytes(ROOM_AHEAD + ROOM_FOR))  # (room from its end to past a write)
 
 
-
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -683,7 +682,8 @@ class FsQueue(Queue):
                     # whose end is zeros from a sector's start on, over the zeros, is a write
                     # a crash cut short (the disk took its first sectors, not the rest)
                     following = f.read(len(MAGIC))
-                    zeros_from = end - (len(js) + len(data)) + len((js + data).rstrip(b"\0"))
+                    body = js + data
+                    zeros_from = end - len(body) + len(body.rstrip(b"\0"))
                     if following != MAGIC and (
                         _data_end(f, end) > end or (zeros_from < end and zeros_from % 512 == 0)
                     ):
@@ -810,13 +810,12 @@ class FsQueue(Queue):
             path = os.path.join(self.journal_dir, f"{seq:016x}.log")
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                break
             except FileExistsError:
                 # left by an open that failed after making it: its entry in journal/ may never
                 # reach the disk (a sync of the directory that failed does not write it again),
                 # so the segment's records could vanish with it; the next number is clean
                 seq += 1
-                continue
-            break
         try:
             os.fsync(fd)
             fsync_dir(self.journal_dir)
@@ -861,10 +860,8 @@ class FsQueue(Queue):
                 not (self._busy or self._pending or self._torn or self._broken or self._unwritten)
                 and self._thread is not None
             )
-            data = b"".join(records)
-            seg = self._segments[-1] if self._segments else None
-            fits = seg is not None and seg.size + len(data) <= seg.room
-            if idle and fits and not sync and after is None:
+            data = b"".join(records) if idle and not sync and after is None else b""
+            if data and self._segments[-1].size + len(data) <= self._segments[-1].room:
                 # Nothing to wait for and nothing ahead of these records: appending them here
                 # costs a write(2) (to the page cache, like a log line), waking the writer two
                 # thread switches.  (Making room, should they not fit, is the writer's.)
