@@ -125,8 +125,14 @@ class Queue(ABC):
     walk_reads = 0  # after scan(): the messages it had to read from disk (see queue_fs)
 
     @abstractmethod
-    async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
-        """Store a message and its envelopes durably; raise QueueError if that failed."""
+    async def commit(
+        self, message: bytes, envelopes: list[Envelope], *, alone: bool = False
+    ) -> None:
+        """Store a message and its envelopes durably; raise QueueError if that failed.
+
+        ``alone``: no other commit is likely to come while this one is synced (a single SMTP
+        client), so the backend may sync it on the caller's thread instead of its writer's.
+        """
 
     @abstractmethod
     async def update(self, envelope: Envelope) -> None:

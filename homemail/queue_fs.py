@@ -17,6 +17,11 @@ need no sync of their own (a crash that loses one repeats an attempt, never lose
 commit's sync, the sync before a segment is closed, or a clean stop covers them): while the
 writer thread is idle the event loop appends them itself, one write(2) instead of two thread
 switches; otherwise they queue behind the thread's work.  Either way no record overtakes another.
+A commit whose caller says it is ``alone`` (one SMTP client: no other commit would share its
+sync) is written and synced by the event loop itself as well, when the writer is idle and the
+records fit in the zeros written ahead: handing it to the thread and back costs about as much
+again as the sync.  A sync there slower than ``INLINE_STALL`` (a disk in trouble) sends commits
+through the writer for ``INLINE_PAUSE``, so that a slow disk does not stall the event loop.
 
 **Segment record format.**  Each record is a 17-byte header ``b"HMQ1"``, a type byte, the length
 of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 of both parts
@@ -116,6 +121,10 @@ ROOM_AHEAD = 1024 * 1024
 # written over them, which for a larger write costs more than the inode's write it spares
 ROOM_FOR = 32 * 1024
 _ZEROS = memoryview(bytes(ROOM_AHEAD + ROOM_FOR))  # (room from its end to past a write)
+# a commit synced by the event loop (``alone``) that took longer than this: the next ones go
+# through the writer thread for INLINE_PAUSE seconds
+INLINE_STALL = 0.05
+INLINE_PAUSE = 30.0
 
 
 def fsync_dir(path: str) -> None:
@@ -258,6 +267,7 @@ class FsQueue(Queue):
         self._unwritten: list[bytes] = []
         # why maintenance failed, each reason with when it was last logged (monotonic)
         self._maintenance_errors: dict[str, float] = {}
+        self._inline_after = 0.0  # (monotonic) an inline sync stalled: the writer's until then
         self._copy_failed: dict[int, float] = {}  # msgid: when to try its copy again (monotonic)
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -850,6 +860,7 @@ class FsQueue(Queue):
         *,
         sync: bool,
         after: Callable[[_Segment, int], None] | None = None,
+        alone: bool = False,
     ) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -860,19 +871,31 @@ class FsQueue(Queue):
                 not (self._busy or self._pending or self._torn or self._broken or self._unwritten)
                 and self._thread is not None
             )
-            data = b"".join(records) if idle and not sync and after is None else b""
-            if data and self._segments[-1].size + len(data) <= self._segments[-1].room:
+            if sync:
+                here = idle and alone and time.monotonic() >= self._inline_after
+            else:
+                here = idle and after is None
+            data = b"".join(records) if here else b""
+            seg = self._segments[-1] if data else None
+            if seg is not None and seg.size + len(data) <= seg.room:
                 # Nothing to wait for and nothing ahead of these records: appending them here
-                # costs a write(2) (to the page cache, like a log line), waking the writer two
-                # thread switches.  (Making room, should they not fit, is the writer's.)
+                # costs a write(2) (to the page cache, like a log line), and a commit that no
+                # other would join its fdatasync as well; waking the writer costs two thread
+                # switches.  (Making room, should they not fit, is the writer's.)
+                end = seg.size + len(data)
+                start = time.monotonic() if sync else 0.0
                 try:
-                    self._append(data)
+                    self._append(data, sync=sync)
                 except OSError as exc:
                     self._torn = True  # the repair syncs, so it is the writer's, before more
                     self._wakeup.notify()
                     fut.set_exception(exc)
                 else:
+                    if after is not None:
+                        after(seg, end)  # (under _lock: the condition's)
                     fut.set_result(None)
+                if sync and time.monotonic() - start > INLINE_STALL:
+                    self._inline_after = time.monotonic() + INLINE_PAUSE
                 return fut
             self._pending.append(_Pending(records, sync, fut, loop, after))
             self._wakeup.notify()
@@ -1249,7 +1272,9 @@ class FsQueue(Queue):
         # while queue/ is being walked, a message there may not be indexed yet
         return self._scanning and os.path.lexists(self._msgdir(msgid))
 
-    async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
+    async def commit(
+        self, message: bytes, envelopes: list[Envelope], *, alone: bool = False
+    ) -> None:
         if not envelopes:
             raise QueueError("message without envelopes")
         msgid = envelopes[0].msgid
@@ -1271,7 +1296,7 @@ class FsQueue(Queue):
                 self._cache[msgid] = message
                 self._cache_bytes += len(message)
 
-        fut = self._submit([rec], sync=True, after=placed)
+        fut = self._submit([rec], sync=True, after=placed, alone=alone)
         try:
             await fut
         except OSError as exc:

@@ -12,7 +12,9 @@ class RamQueue(Queue):
         self.messages: dict[int, bytes] = {}
         self.envelopes: dict[int, Envelope] = {}
 
-    async def commit(self, message: bytes, envelopes: list[Envelope]) -> None:
+    async def commit(
+        self, message: bytes, envelopes: list[Envelope], *, alone: bool = False
+    ) -> None:
         if not envelopes:
             raise QueueError("message without envelopes")
         self.messages[envelopes[0].msgid] = bytes(message)

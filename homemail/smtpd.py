@@ -364,7 +364,10 @@ class Daemon:
         while it is in flight (the client vanished) does not leave a committed message
         unscheduled.
         """
-        commit = asyncio.ensure_future(self.queue.commit(message, envelopes))
+        # with one client connected no other commit would share this one's sync: the queue
+        # may sync it on the event loop, sparing two thread switches
+        alone = len(self.ctx.open) <= 1
+        commit = asyncio.ensure_future(self.queue.commit(message, envelopes, alone=alone))
         try:
             await asyncio.shield(commit)
         except asyncio.CancelledError:

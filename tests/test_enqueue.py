@@ -19,7 +19,7 @@ class Queue:
         self.release = asyncio.Event()
         self.error: Exception | None = None
 
-    async def commit(self, message: bytes, envelopes: list[Any]) -> None:
+    async def commit(self, message: bytes, envelopes: list[Any], *, alone: bool = False) -> None:
         await self.release.wait()
         if self.error is not None:
             raise self.error
@@ -37,7 +37,9 @@ class Scheduler:
 
 
 def daemon(order: list[str]) -> Any:
-    fake = types.SimpleNamespace(queue=Queue(), scheduler=Scheduler(order))
+    fake = types.SimpleNamespace(
+        queue=Queue(), scheduler=Scheduler(order), ctx=types.SimpleNamespace(open=set())
+    )
     fake._committed = types.MethodType(Daemon._committed, fake)
     return fake
 

@@ -866,6 +866,85 @@ async def test_results_recorded_between_and_during_commits_survive_a_restart(
     await q.close()
 
 
+async def test_a_commit_alone_is_synced_by_the_loop_and_the_others_by_the_writer(
+    tmp_path, monkeypatch
+):
+    """A commit whose caller is alone (one SMTP client) is written and synced on the event
+    loop while the writer thread is idle and the record fits in the zeros ahead; any other
+    commit, or one that needs room made, goes through the writer thread.  All of them are
+    durable when commit returns and read back after a restart."""
+    spool = str(tmp_path)
+    q = FsQueue(spool)
+    q.load()
+    await q.commit(b"first\r\n", envelopes())  # (the writer makes the first room)
+    calls = appends_on(q, monkeypatch)
+    loop_thread = threading.get_ident()
+    kept = []
+
+    async def commit(body: bytes, *, alone: bool) -> tuple[int, bool]:
+        await writer_idle(q)
+        before = len(calls)
+        envs = envelopes()
+        await q.commit(body, envs, alone=alone)
+        kept.append((envs[0].evpid, body))
+        [call] = calls[before:]
+        return call
+
+    assert await commit(b"alone\r\n", alone=True) == (loop_thread, True)
+    thread, sync = await commit(b"not alone\r\n", alone=False)
+    assert thread != loop_thread and sync
+    seg = q._segments[-1]
+    filled = await commit(b"y" * (seg.room - seg.size - 2000), alone=True)
+    assert filled == (loop_thread, True) and seg.room - seg.size < 2000
+    thread, sync = await commit(b"z" * 3000, alone=True)  # no room left: the writer makes it
+    assert thread != loop_thread and sync
+    assert await commit(b"alone again\r\n", alone=True) == (loop_thread, True)
+    q, loaded = await reopen(q, spool)
+    assert {evpid for evpid, _ in kept} <= {e.evpid for e in loaded}
+    for evpid, body in kept:
+        assert q.read_message(evpid >> 32) == body
+    await q.close()
+
+
+async def test_a_slow_sync_on_the_loop_sends_commits_to_the_writer_for_a_while(
+    tmp_path, monkeypatch
+):
+    """A disk in trouble must not stall the event loop: after a commit synced there takes
+    longer than INLINE_STALL, commits go through the writer thread for INLINE_PAUSE."""
+    import homemail.queue_fs as queue_fs
+
+    monkeypatch.setattr(queue_fs, "INLINE_STALL", 0.02)
+    monkeypatch.setattr(queue_fs, "INLINE_PAUSE", 0.5)
+    q = FsQueue(str(tmp_path))
+    q.load()
+    await q.commit(b"first\r\n", envelopes())
+    calls = appends_on(q, monkeypatch)
+    loop_thread = threading.get_ident()
+    real_sync = os.fdatasync
+    slow = [True]
+
+    def sync(fd: int) -> None:
+        if slow[0]:
+            slow[0] = False
+            time.sleep(0.05)
+        real_sync(fd)
+
+    monkeypatch.setattr(queue_fs.os, "fdatasync", sync)
+
+    async def thread_of_commit() -> int:
+        await writer_idle(q)
+        before = len(calls)
+        await q.commit(b"m\r\n", envelopes(), alone=True)
+        return calls[before:][0][0]
+
+    assert await thread_of_commit() == loop_thread  # the slow one
+    assert await thread_of_commit() != loop_thread
+    assert await thread_of_commit() != loop_thread
+    await asyncio.sleep(0.6)
+    assert await thread_of_commit() == loop_thread
+    await q.close()
+
+
 async def test_an_update_appended_directly_lands_after_one_queued_behind_a_commit(
     tmp_path, monkeypatch
 ):
@@ -1079,8 +1158,9 @@ async def test_a_failed_commit_after_a_removal_keeps_it_removed(tmp_path, monkey
     await q.close()
 
 
+@pytest.mark.parametrize("alone", [False, True])
 @pytest.mark.parametrize("failing", ["the zeros'", "a record's"])
-async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch, failing):
+async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch, failing, alone):
     """A failed fdatasync (disk full, EIO), of the zeros written ahead or of a record, fails
     that commit only: what follows is readable and survives a restart."""
     import homemail.queue_fs as queue_fs
@@ -1102,11 +1182,12 @@ async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch, fa
 
     monkeypatch.setattr(queue_fs.os, "fdatasync", failing_once)
     lost = envelopes()
+    await writer_idle(q)
     with pytest.raises(QueueError) as failed:
-        await q.commit(b"first\r\n", lost)
+        await q.commit(b"first\r\n", lost, alone=alone)
     assert failed.value.full  # SMTP answers 452 4.3.1, not 451 4.3.0
     kept = envelopes()
-    await q.commit(b"second\r\n", kept)
+    await q.commit(b"second\r\n", kept, alone=alone)
     assert q.read_message(kept[0].msgid) == b"second\r\n"
     monkeypatch.setattr(queue_fs.os, "fdatasync", real)
     q, loaded = await reopen(q, str(tmp_path))
@@ -1195,9 +1276,10 @@ async def unsynced_updates(q: FsQueue, count: int) -> None:
         await q.update(envs[0])
 
 
+@pytest.mark.parametrize("alone", [False, True])
 @pytest.mark.parametrize("failing", ["the zeros'", "a record's"])
 async def test_after_a_failed_sync_no_commit_follows_what_may_be_missing(
-    tmp_path, monkeypatch, failing
+    tmp_path, monkeypatch, failing, alone
 ):
     """A failed fdatasync may have lost what was written since the last good one (the
     kernel says so once; the next sync succeeds): the commit it was for is refused, and a
@@ -1215,10 +1297,11 @@ async def test_after_a_failed_sync_no_commit_follows_what_may_be_missing(
     await unsynced_updates(q, 30)  # about 12 KiB
     assert (seg.room - seg.size < 10_000) == (failing == "the zeros'")
     cache.fail_next_sync = True
+    await writer_idle(q)
     with pytest.raises(QueueError):
-        await q.commit(b"refused\r\n" + b"y" * 10_000, envelopes())
+        await q.commit(b"refused\r\n" + b"y" * 10_000, envelopes(), alone=alone)
     acked = envelopes()
-    await q.commit(b"Subject: acked\r\n\r\n" + b"y" * 10_000, acked)
+    await q.commit(b"Subject: acked\r\n\r\n" + b"y" * 10_000, acked, alone=alone)
     cache.power_loss(running, tmp_path / "crashed")
     await q.close()
     monkeypatch.undo()
@@ -1274,7 +1357,7 @@ async def test_what_was_acknowledged_survives_a_power_loss_after_random_failures
             envs = envelopes()
             body = f"m{step}\r\n".encode() + b"y" * rnd.choice([10, 3000, 40_000])
             try:
-                await q.commit(body, envs)
+                await q.commit(body, envs, alone=rnd.random() < 0.5)
             except QueueError:
                 continue
             acked[envs[0].evpid] = body
