@@ -19,9 +19,11 @@ writer thread is idle the event loop appends them itself, one write(2) instead o
 switches; otherwise they queue behind the thread's work.  Either way no record overtakes another.
 A commit whose caller says it is ``alone`` (one SMTP client: no other commit would share its
 sync) is written and synced by the event loop itself as well, when the writer is idle and the
-records fit in the zeros written ahead: handing it to the thread and back costs about as much
-again as the sync.  A sync there slower than ``INLINE_STALL`` (a disk in trouble) sends commits
-through the writer for ``INLINE_PAUSE``, so that a slow disk does not stall the event loop.
+records fit in the zeros written ahead: handing it to the thread and back costs two thread
+switches, on a fast disk a good part of the sync's own time.  While the loop syncs, it does
+nothing else, so this is for fast disks only: while the journal's syncs (the loop's and the
+writer's) take ``INLINE_SLOW`` or more on average, commits go through the writer.  (On a disk
+that turns slow, the loop still waits for the one or two slow syncs that raise the average.)
 
 **Segment record format.**  Each record is a 17-byte header ``b"HMQ1"``, a type byte, the length
 of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 of both parts
@@ -121,10 +123,10 @@ ROOM_AHEAD = 1024 * 1024
 # written over them, which for a larger write costs more than the inode's write it spares
 ROOM_FOR = 32 * 1024
 _ZEROS = memoryview(bytes(ROOM_AHEAD + ROOM_FOR))  # (room from its end to past a write)
-# a commit synced by the event loop (``alone``) that took longer than this: the next ones go
-# through the writer thread for INLINE_PAUSE seconds
-INLINE_STALL = 0.05
-INLINE_PAUSE = 30.0
+# the journal's syncs taking this long on average (a slow or busy disk): commits go through
+# the writer thread, none is synced by the event loop
+INLINE_SLOW = 0.005
+SYNC_WEIGHT = 0.2  # of the latest sync in that (moving) average
 
 
 def fsync_dir(path: str) -> None:
@@ -267,7 +269,7 @@ class FsQueue(Queue):
         self._unwritten: list[bytes] = []
         # why maintenance failed, each reason with when it was last logged (monotonic)
         self._maintenance_errors: dict[str, float] = {}
-        self._inline_after = 0.0  # (monotonic) an inline sync stalled: the writer's until then
+        self._sync_time = 0.0  # the moving average of the active segment's syncs, in seconds
         self._copy_failed: dict[int, float] = {}  # msgid: when to try its copy again (monotonic)
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -872,7 +874,7 @@ class FsQueue(Queue):
                 and self._thread is not None
             )
             if sync:
-                here = idle and alone and time.monotonic() >= self._inline_after
+                here = idle and alone and self._sync_time < INLINE_SLOW
             else:
                 here = idle and after is None
             data = b"".join(records) if here else b""
@@ -883,7 +885,6 @@ class FsQueue(Queue):
                 # other would join its fdatasync as well; waking the writer costs two thread
                 # switches.  (Making room, should they not fit, is the writer's.)
                 end = seg.size + len(data)
-                start = time.monotonic() if sync else 0.0
                 try:
                     self._append(data, sync=sync)
                 except OSError as exc:
@@ -894,8 +895,6 @@ class FsQueue(Queue):
                     if after is not None:
                         after(seg, end)  # (under _lock: the condition's)
                     fut.set_result(None)
-                if sync and time.monotonic() - start > INLINE_STALL:
-                    self._inline_after = time.monotonic() + INLINE_PAUSE
                 return fut
             self._pending.append(_Pending(records, sync, fut, loop, after))
             self._wakeup.notify()
@@ -995,11 +994,14 @@ class FsQueue(Queue):
         seg.size = end
 
     def _sync_active(self) -> None:
+        start = time.monotonic()
         try:
             os.fdatasync(self._active_fd)
         except OSError:
             self._sync_failed = True
             raise
+        finally:  # (never two at once: the loop syncs only while the writer waits)
+            self._sync_time += (time.monotonic() - start - self._sync_time) * SYNC_WEIGHT
 
     def _make_room(self, seg: _Segment, end: int) -> None:
         """Write zeros up to ``ROOM_AHEAD`` past ``end``, and sync them.  Records written over

@@ -18,8 +18,10 @@ class Queue:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.error: Exception | None = None
+        self.alone: list[bool] = []
 
     async def commit(self, message: bytes, envelopes: list[Any], *, alone: bool = False) -> None:
+        self.alone.append(alone)
         await self.release.wait()
         if self.error is not None:
             raise self.error
@@ -100,3 +102,14 @@ async def test_a_failed_commit_schedules_nothing(capfd: pytest.CaptureFixture[st
     await settle()
     assert fake.scheduler.scheduled == []
     assert "queue commit-failed error=" in capfd.readouterr().err  # nobody else could say it
+
+
+async def test_a_commit_is_alone_while_one_session_is_connected() -> None:
+    """With one SMTP session connected (the committing one) the queue may sync the commit on
+    the event loop; with more, the writer thread's group commit is for them to share."""
+    fake = daemon([])
+    fake.queue.release.set()
+    for sessions in (1, 2, 20, 1, 0):
+        fake.ctx.open = {object() for _ in range(sessions)}
+        await Daemon.enqueue(fake, b"message", [object()])
+    assert fake.queue.alone == [True, False, False, True, True]
