@@ -779,6 +779,10 @@ class Daemon:
                 self.socket_path, private_dir=self.socket_path == user_paths().socket
             )
         await self.control.start(self.control_sock)
+        if self.channel_sock is None:  # user mode (the parent does this before it forks us):
+            # where sendmail leaves mail while we are down, said before the port answers
+            await asyncio.to_thread(offline.prepare_dir, self.offline_dir())
+            await asyncio.to_thread(record_offline_dir, self.socket_path, self.spool)
         bound = self.bound if self.bound is not None else bind_listeners(self.cfg, self.user_mode)
         self.bound = None
         for key, (listener, socks) in bound.items():
@@ -790,8 +794,6 @@ class Daemon:
             self.channel.on_reload = self.apply_reload
             self.channel.on_lost = self._stop.set
         else:
-            await asyncio.to_thread(offline.prepare_dir, self.offline_dir())
-            await asyncio.to_thread(record_offline_dir, self.socket_path, self.spool)
             await self.pickup_offline()
         if self.agent_sock is not None:
             self.agent = WorkerChannel(self.agent_sock)
