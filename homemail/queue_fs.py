@@ -881,9 +881,9 @@ class FsQueue(Queue):
             seg = self._segments[-1] if data else None
             if seg is not None and seg.size + len(data) <= seg.room:
                 # Nothing to wait for and nothing ahead of these records: appending them here
-                # costs a write(2) (to the page cache, like a log line), and a commit that no
-                # other would join its fdatasync as well; waking the writer costs two thread
-                # switches.  (Making room, should they not fit, is the writer's.)
+                # costs a write(2) (to the page cache, like a log line), plus the fdatasync for
+                # a commit no other would share it with, where waking the writer costs two
+                # thread switches.  (Making room, should they not fit, is the writer's.)
                 end = seg.size + len(data)
                 try:
                     self._append(data, sync=sync)
