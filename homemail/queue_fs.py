@@ -878,13 +878,12 @@ class FsQueue(Queue):
             else:
                 here = idle and after is None
             data = b"".join(records) if here else b""
-            seg = self._segments[-1] if data else None
+            seg = self._segments[-1] if here else None
             if seg is not None and seg.size + len(data) <= seg.room:
                 # Nothing to wait for and nothing ahead of these records: appending them here
                 # costs a write(2) (to the page cache, like a log line), plus the fdatasync for
                 # a commit no other would share it with, where waking the writer costs two
                 # thread switches.  (Making room, should they not fit, is the writer's.)
-                end = seg.size + len(data)
                 try:
                     self._append(data, sync=sync)
                 except OSError as exc:
@@ -893,7 +892,7 @@ class FsQueue(Queue):
                     fut.set_exception(exc)
                 else:
                     if after is not None:
-                        after(seg, end)  # (under _lock: the condition's)
+                        after(seg, seg.size)  # (under _lock: the condition's)
                     fut.set_result(None)
                 return fut
             self._pending.append(_Pending(records, sync, fut, loop, after))

@@ -816,6 +816,29 @@ def appends_on(q: FsQueue, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, b
     return calls
 
 
+async def commit_when_idle(
+    q: FsQueue,
+    appends: list[tuple[int, bool]],
+    body: bytes,
+    envs: list[Envelope] | None = None,
+    *,
+    alone: bool,
+) -> tuple[int, bool]:
+    """Commit once the writer thread waits; the (thread, sync) of the append that wrote it."""
+    await writer_idle(q)
+    before = len(appends)
+    await q.commit(body, envs if envs is not None else envelopes(), alone=alone)
+    return appends[before]
+
+
+@pytest.fixture
+def fast_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However slow this machine's syncs, a commit alone is the event loop's to sync."""
+    import homemail.queue_fs as queue_fs
+
+    monkeypatch.setattr(queue_fs, "INLINE_SLOW", 60.0)
+
+
 async def test_results_recorded_between_and_during_commits_survive_a_restart(
     tmp_path, monkeypatch
 ):
@@ -867,15 +890,12 @@ async def test_results_recorded_between_and_during_commits_survive_a_restart(
 
 
 async def test_a_commit_alone_is_synced_by_the_loop_and_the_others_by_the_writer(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, fast_disk
 ):
     """A commit whose caller is alone (one SMTP client) is written and synced on the event
     loop while the writer thread is idle and the record fits in the zeros ahead; any other
     commit, or one that needs room made, goes through the writer thread.  All of them are
     durable when commit returns and read back after a restart."""
-    import homemail.queue_fs as queue_fs
-
-    monkeypatch.setattr(queue_fs, "INLINE_SLOW", 60.0)  # (a slow disk here keeps to the writer)
     spool = str(tmp_path)
     q = FsQueue(spool)
     q.load()
@@ -885,12 +905,9 @@ async def test_a_commit_alone_is_synced_by_the_loop_and_the_others_by_the_writer
     kept = []
 
     async def commit(body: bytes, *, alone: bool) -> tuple[int, bool]:
-        await writer_idle(q)
-        before = len(calls)
         envs = envelopes()
-        await q.commit(body, envs, alone=alone)
+        call = await commit_when_idle(q, calls, body, envs, alone=alone)
         kept.append((envs[0].evpid, body))
-        [call] = calls[before:]
         return call
 
     assert await commit(b"alone\r\n", alone=True) == (loop_thread, True)
@@ -937,10 +954,7 @@ async def test_a_slow_disk_has_commits_synced_by_the_writer_until_it_is_fast_aga
     monkeypatch.setattr(queue_fs.os, "fdatasync", sync)
 
     async def on_the_loop() -> bool:
-        await writer_idle(q)
-        before = len(appends)
-        await q.commit(b"m\r\n", envelopes(), alone=True)
-        return appends[before][0] == loop_thread
+        return (await commit_when_idle(q, appends, b"m\r\n", alone=True))[0] == loop_thread
 
     while_slow = [await on_the_loop() for _ in range(6)]
     assert while_slow[0]  # (nothing known of the disk yet)
@@ -1166,14 +1180,15 @@ async def test_a_failed_commit_after_a_removal_keeps_it_removed(tmp_path, monkey
 
 @pytest.mark.parametrize("alone", [False, True])
 @pytest.mark.parametrize("failing", ["the zeros'", "a record's"])
-async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch, failing, alone):
+async def test_failed_sync_does_not_hide_later_commits(
+    tmp_path, monkeypatch, fast_disk, failing, alone
+):
     """A failed fdatasync (disk full, EIO), of the zeros written ahead or of a record, fails
     that commit only: what follows is readable and survives a restart.  ``alone``: the
     records' syncs, the failed one and a later one, are the event loop's (the zeros are
     always the writer's)."""
     import homemail.queue_fs as queue_fs
 
-    monkeypatch.setattr(queue_fs, "INLINE_SLOW", 60.0)  # (a slow disk here keeps to the writer)
     q = FsQueue(str(tmp_path))
     q.load()
     appends = appends_on(q, monkeypatch)
@@ -1202,10 +1217,8 @@ async def test_failed_sync_does_not_hide_later_commits(tmp_path, monkeypatch, fa
         assert (appends[before][0] == loop_thread) == alone
     kept = [envelopes(), envelopes()]
     await q.commit(b"second\r\n", kept[0])  # (the writer's: room in the new segment)
-    await writer_idle(q)
-    before = len(appends)
-    await q.commit(b"third\r\n", kept[1], alone=alone)
-    assert (appends[before][0] == loop_thread) == alone
+    thread, _ = await commit_when_idle(q, appends, b"third\r\n", kept[1], alone=alone)
+    assert (thread == loop_thread) == alone
     bodies = {kept[0][0].msgid: b"second\r\n", kept[1][0].msgid: b"third\r\n"}
     q._cache.clear()
     for msgid, body in bodies.items():
@@ -1302,16 +1315,13 @@ async def unsynced_updates(q: FsQueue, count: int) -> None:
 @pytest.mark.parametrize("alone", [False, True])
 @pytest.mark.parametrize("failing", ["the zeros'", "a record's"])
 async def test_after_a_failed_sync_no_commit_follows_what_may_be_missing(
-    tmp_path, monkeypatch, failing, alone
+    tmp_path, monkeypatch, fast_disk, failing, alone
 ):
     """A failed fdatasync may have lost what was written since the last good one (the
     kernel says so once; the next sync succeeds): the commit it was for is refused, and the
     commits acknowledged after it survive a power loss, since they do not follow the hole.
     ``alone``: the records' syncs, the failed one (a record's) and the last, are the event
     loop's."""
-    import homemail.queue_fs as queue_fs
-
-    monkeypatch.setattr(queue_fs, "INLINE_SLOW", 60.0)  # (a slow disk here keeps to the writer)
     running = tmp_path / "running"
     q = FsQueue(str(running))
     q.load()
@@ -1334,10 +1344,9 @@ async def test_after_a_failed_sync_no_commit_follows_what_may_be_missing(
         assert (calls[0][0] == loop_thread) == alone
     acked = [envelopes(), envelopes()]
     await q.commit(b"Subject: acked\r\n\r\n" + b"y" * 10_000, acked[0])  # (room in the new file)
-    await writer_idle(q)
-    before = len(calls)
-    await q.commit(b"Subject: acked too\r\n\r\n" + b"y" * 10_000, acked[1], alone=alone)
-    assert (calls[before][0] == loop_thread) == alone
+    body = b"Subject: acked too\r\n\r\n" + b"y" * 10_000
+    thread, _ = await commit_when_idle(q, calls, body, acked[1], alone=alone)
+    assert (thread == loop_thread) == alone
     cache.power_loss(running, tmp_path / "crashed")
     await q.close()
     monkeypatch.undo()
