@@ -144,7 +144,7 @@ def set_aside(workdir: str, spent: str) -> None:
     without a journal (this machine's root), a new inode is never one freed in the last 60 s
     (360 s while its inode table block is dirty, ``recently_deleted``), and every file the next
     server creates scans past all of those.  Measured on homemail's delivery process at 20x4k,
-    just after the last run's directory was removed: 1.2-1.7 ms of system CPU a message, against
+    just after the last run's directory was removed: 1.4-1.7 ms of system CPU a message, against
     0.34-0.43 ms with it set aside (bench/RESULTS.md, fourteenth pass).  Truncating frees the
     space but not the inodes.
     """
