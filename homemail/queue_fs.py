@@ -877,24 +877,25 @@ class FsQueue(Queue):
                 here = idle and alone and self._sync_time < INLINE_SLOW
             else:
                 here = idle and after is None
-            data = b"".join(records) if here else b""
-            seg = self._segments[-1] if here else None
-            if seg is not None and seg.size + len(data) <= seg.room:
-                # Nothing to wait for and nothing ahead of these records: appending them here
-                # costs a write(2) (to the page cache, like a log line), plus the fdatasync for
-                # a commit no other would share it with, where waking the writer costs two
-                # thread switches.  (Making room, should they not fit, is the writer's.)
-                try:
-                    self._append(data, sync=sync)
-                except OSError as exc:
-                    self._torn = True  # the repair syncs, so it is the writer's, before more
-                    self._wakeup.notify()
-                    fut.set_exception(exc)
-                else:
-                    if after is not None:
-                        after(seg, seg.size)  # (under _lock: the condition's)
-                    fut.set_result(None)
-                return fut
+            if here:
+                seg = self._segments[-1]
+                data = b"".join(records)
+                if seg.size + len(data) <= seg.room:  # (making room is the writer's)
+                    # Nothing to wait for and nothing ahead of these records: appending them here
+                    # costs a write(2) (to the page cache, like a log line), plus the fdatasync for
+                    # a commit no other would share it with, where waking the writer costs two
+                    # thread switches.
+                    try:
+                        self._append(data, sync=sync)
+                    except OSError as exc:
+                        self._torn = True  # the repair syncs, so it is the writer's, before more
+                        self._wakeup.notify()
+                        fut.set_exception(exc)
+                    else:
+                        if after is not None:
+                            after(seg, seg.size)  # (under _lock: the condition's)
+                        fut.set_result(None)
+                    return fut
             self._pending.append(_Pending(records, sync, fut, loop, after))
             self._wakeup.notify()
         return fut

@@ -366,7 +366,7 @@ class Daemon:
         """
         # with one client connected no other commit would share this one's sync: the queue
         # may sync it on the event loop, sparing two thread switches
-        alone = len(self.ctx.open) <= 1
+        alone = self.ctx.sessions <= 1
         commit = asyncio.ensure_future(self.queue.commit(message, envelopes, alone=alone))
         try:
             await asyncio.shield(commit)

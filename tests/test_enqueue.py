@@ -40,7 +40,7 @@ class Scheduler:
 
 def daemon(order: list[str]) -> Any:
     fake = types.SimpleNamespace(
-        queue=Queue(), scheduler=Scheduler(order), ctx=types.SimpleNamespace(open=set())
+        queue=Queue(), scheduler=Scheduler(order), ctx=types.SimpleNamespace(sessions=0)
     )
     fake._committed = types.MethodType(Daemon._committed, fake)
     return fake
@@ -110,6 +110,6 @@ async def test_a_commit_is_alone_while_one_session_is_connected() -> None:
     fake = daemon([])
     fake.queue.release.set()
     for sessions in (1, 2, 20, 1, 0):
-        fake.ctx.open = {object() for _ in range(sessions)}
+        fake.ctx.sessions = sessions
         await Daemon.enqueue(fake, b"message", [object()])
     assert fake.queue.alone == [True, False, False, True, True]

@@ -2,8 +2,8 @@
 
 Several smtplib clients (or one, the case in which the daemon may sync a commit on its event
 loop rather than the journal's writer thread: which one did is not visible from here) stream
-messages while the daemon is killed with SIGKILL and restarted on the same
-spool, four times. Afterwards every message that got a 250 is in the Maildir
+messages while the daemon is killed with SIGKILL and restarted on the same spool, four times.
+Afterwards every message that got a 250 is in the Maildir
 exactly once, intact; messages that did not get a 250 may or may not be there, but never twice.
 """
 
