@@ -16,7 +16,7 @@ import json
 import os
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,13 +125,14 @@ class Queue(ABC):
     walk_reads = 0  # after scan(): the messages it had to read from disk (see queue_fs)
 
     @abstractmethod
-    async def commit(
+    def commit(
         self, message: bytes, envelopes: list[Envelope], *, alone: bool = False
-    ) -> None:
+    ) -> Awaitable[None]:
         """Store a message and its envelopes durably; raise QueueError if that failed.
 
         ``alone``: no other commit is likely to come while this one is synced (a single SMTP
         client), so the backend may sync it on the caller's thread instead of its writer's.
+        A backend that does so returns a future already done (awaiting it does not yield).
         """
 
     @abstractmethod

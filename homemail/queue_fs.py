@@ -1274,9 +1274,13 @@ class FsQueue(Queue):
         # while queue/ is being walked, a message there may not be indexed yet
         return self._scanning and os.path.lexists(self._msgdir(msgid))
 
-    async def commit(
+    def commit(
         self, message: bytes, envelopes: list[Envelope], *, alone: bool = False
-    ) -> None:
+    ) -> asyncio.Future[None]:
+        """A future, and no coroutine: a commit synced here (``alone``) is done when this
+        returns, so its caller writes the 250 in the same step of the event loop, instead of
+        three steps later (a task's start, its end, the caller's wakeup), behind whatever else
+        became ready meanwhile."""
         if not envelopes:
             raise QueueError("message without envelopes")
         msgid = envelopes[0].msgid
@@ -1299,11 +1303,11 @@ class FsQueue(Queue):
                 self._cache_bytes += len(message)
 
         fut = self._submit([rec], sync=True, after=placed, alone=alone)
-        try:
-            await fut
-        except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise QueueError(f"cannot write the queue: {exc.strerror}", full=full) from exc
+        if fut.done():
+            return _commit_result(fut)
+        out: asyncio.Future[None] = fut.get_loop().create_future()
+        fut.add_done_callback(lambda done: _chain(_commit_result(done), out))
+        return out
 
     async def update(self, envelope: Envelope) -> None:
         with self._lock:
@@ -1468,6 +1472,30 @@ def _after_last_line(fd: int, end: int) -> int:
             return start + cut + 1
         pos = start
     return 0
+
+
+def _commit_result(fut: asyncio.Future[None]) -> asyncio.Future[None]:
+    """A commit's finished future as its caller sees it: a failed write is a QueueError."""
+    exc = None if fut.cancelled() else fut.exception()
+    if not isinstance(exc, OSError):
+        return fut
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    error = QueueError(f"cannot write the queue: {exc.strerror}", full=full)
+    error.__cause__ = exc
+    out: asyncio.Future[None] = fut.get_loop().create_future()
+    out.set_exception(error)
+    return out
+
+
+def _chain(done: asyncio.Future[None], out: asyncio.Future[None]) -> None:
+    if out.done():
+        return
+    if done.cancelled():
+        out.cancel()
+    elif (exc := done.exception()) is not None:
+        out.set_exception(exc)
+    else:
+        out.set_result(None)
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:

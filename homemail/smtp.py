@@ -180,6 +180,7 @@ class Session(SMTP):
         self.uid = uid
         self.lost = False
         self._reason: str | None = None  # why the session ended, for the log
+        self._accepted: Callable[[], None] | None = None  # logs the message just accepted
         self._deadline = self._armed_for = 0.0
         cls = type(self)
         tables: tuple[list[tuple[str, str]], list[tuple[str, str, bool, Any]]] | None
@@ -582,7 +583,12 @@ class Session(SMTP):
                 return
             status = await self.accept(content)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push(status)
+        try:
+            await self.push(status)
+        finally:
+            accepted, self._accepted = self._accepted, None
+            if accepted is not None:  # logged once the 250 is on its way, not before
+                accepted()
 
     async def _read_data(self) -> bytes | None:
         """The message up to CR LF . CR LF, dot-unstuffed; None if the connection closed.
@@ -683,7 +689,9 @@ class Session(SMTP):
                 return "452 4.3.1 Insufficient system storage: the queue is full"
             return "451 4.3.0 Temporary failure: the queue could not store the message"
         self.mails += 1
-        log_accepted(self.ctx, self.sid, msgid, message, txn, envelopes, proto, self.uid)
+        self._accepted = functools.partial(
+            log_accepted, self.ctx, self.sid, msgid, message, txn, envelopes, proto, self.uid
+        )
         return f"250 2.0.0 {format_id(msgid)} Message accepted for delivery"
 
 

@@ -68,6 +68,23 @@ async def test_deliveries_start_after_the_callers_step() -> None:
     assert fake.scheduler.stats["queue.commit"] == 1
 
 
+async def test_a_commit_already_done_costs_the_caller_no_step() -> None:
+    """A queue that synced the commit on the loop hands back a finished future: the session
+    goes on to write its 250 without yielding to whatever else is ready."""
+    order: list[str] = []
+    fake = daemon(order)
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    fake.queue.commit = lambda message, envelopes, alone=False: done
+    envelopes = [object()]
+    step = Daemon.enqueue(fake, b"message", envelopes).__await__()
+    with pytest.raises(StopIteration):  # finished within its first step
+        next(step)
+    assert order == []  # scheduled for after that step, not in it
+    await settle()
+    assert order == ["schedule"]
+
+
 async def test_a_caller_cancelled_during_the_commit_still_has_its_envelopes_scheduled() -> None:
     fake = daemon([])
     envelopes = [object()]

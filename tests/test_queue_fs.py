@@ -929,6 +929,28 @@ async def test_a_commit_alone_is_synced_by_the_loop_and_the_others_by_the_writer
     await q.close()
 
 
+async def test_a_commit_synced_on_the_loop_is_done_when_commit_returns(
+    tmp_path, monkeypatch, fast_disk
+):
+    """So its session writes the 250 in the same step of the event loop; one through the
+    writer thread is not done until the writer's sync is."""
+    q = FsQueue(str(tmp_path))
+    q.load()
+    await q.commit(b"first\r\n", envelopes())  # (the writer makes the first room)
+    await writer_idle(q)
+    alone = envelopes()
+    fut = q.commit(b"alone\r\n", alone, alone=True)
+    assert fut.done() and fut.exception() is None
+    await writer_idle(q)
+    other = envelopes()
+    fut = q.commit(b"not alone\r\n", other, alone=False)
+    assert not fut.done()
+    await fut
+    q, loaded = await reopen(q, str(tmp_path))
+    assert {alone[0].evpid, other[0].evpid} <= {e.evpid for e in loaded}
+    await q.close()
+
+
 async def test_a_slow_disk_has_commits_synced_by_the_writer_until_it_is_fast_again(
     tmp_path, monkeypatch
 ):
