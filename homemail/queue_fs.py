@@ -19,7 +19,8 @@ writer thread is idle the event loop appends them itself, one write(2) instead o
 switches; otherwise they queue behind the thread's work.  Either way no record overtakes another.
 A commit whose caller says it is ``alone`` (one SMTP client: no other commit would share its
 sync) is written and synced by the event loop itself as well, when the writer is idle and the
-records fit in the zeros written ahead: handing it to the thread and back costs two thread
+records fit in the zeros written ahead (or are too large to have zeros made for them, and leave
+the segment under its size limit): handing it to the thread and back costs two thread
 switches, on a fast disk a good part of the sync's own time.  While the loop syncs, it does
 nothing else, so this is for fast disks only: while the journal's syncs (the loop's and the
 writer's) take ``INLINE_SLOW`` or more on average, commits go through the writer.  (On a disk
@@ -880,7 +881,13 @@ class FsQueue(Queue):
             if here:
                 seg = self._segments[-1]
                 data = b"".join(records)
-                if seg.size + len(data) <= seg.room:  # (making room is the writer's)
+                end = seg.size + len(data)
+                # making room is the writer's; a synced write too large to have room made for
+                # it grows the file, as it would on the writer (unless it fills the segment:
+                # the writer's maintenance after it starts a new one)
+                if end <= seg.room or (
+                    sync and len(data) > ROOM_FOR and end < self.segment_max_bytes
+                ):
                     # Nothing to wait for and nothing ahead of these records: appending them here
                     # costs a write(2) (to the page cache, like a log line), plus the fdatasync for
                     # a commit no other would share it with, where waking the writer costs two

@@ -929,6 +929,40 @@ async def test_a_commit_alone_is_synced_by_the_loop_and_the_others_by_the_writer
     await q.close()
 
 
+async def test_a_large_commit_alone_grows_the_segment_on_the_loop_until_it_fills_it(
+    tmp_path, monkeypatch, fast_disk
+):
+    """No room is made for a record over ROOM_FOR: a commit alone of one is appended past the
+    zeros by the loop, as the writer would; the one that would fill the segment is the
+    writer's, whose maintenance then starts a new segment.  All are read back after a
+    restart."""
+    import homemail.queue_fs as queue_fs
+
+    spool = str(tmp_path)
+    big = queue_fs.ROOM_FOR + 1000
+    q = FsQueue(spool, segment_max_bytes=8 * big)
+    q.load()
+    appends = appends_on(q, monkeypatch)
+    loop_thread = threading.get_ident()
+    kept = []
+    on_loop = []
+    while len(q._segments) == 1:
+        envs = envelopes()
+        body = bytes([65 + len(kept) % 26]) * big
+        thread, sync = await commit_when_idle(q, appends, body, envs, alone=True)
+        assert sync
+        on_loop.append(thread == loop_thread)
+        kept.append((envs[0].msgid, body))
+        await writer_idle(q)
+    assert on_loop[:-1] == [True] * (len(on_loop) - 1) and len(on_loop) >= 6
+    assert not on_loop[-1]  # the one that reached the segment's size
+    assert os.path.getsize(q._segments[0].path) < 9 * big
+    q, _ = await reopen(q, spool)
+    for msgid, body in kept:
+        assert q.read_message(msgid) == body
+    await q.close()
+
+
 async def test_a_commit_synced_on_the_loop_is_done_when_commit_returns(
     tmp_path, monkeypatch, fast_disk
 ):
