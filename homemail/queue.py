@@ -133,6 +133,8 @@ class Queue(ABC):
         ``alone``: no other commit is likely to come while this one is synced (a single SMTP
         client), so the backend may sync it on the caller's thread instead of its writer's.
         A backend that does so returns a future already done (awaiting it does not yield).
+        QueueError may come from the call itself (a commit refused outright) or from the
+        awaitable (a failed write).
         """
 
     @abstractmethod

@@ -19,12 +19,13 @@ writer thread is idle the event loop appends them itself, one write(2) instead o
 switches; otherwise they queue behind the thread's work.  Either way no record overtakes another.
 A commit whose caller says it is ``alone`` (one SMTP client: no other commit would share its
 sync) is written and synced by the event loop itself as well, when the writer is idle and the
-records fit in the zeros written ahead (or are too large to have zeros made for them, and leave
-the segment under its size limit): handing it to the thread and back costs two thread
-switches, on a fast disk a good part of the sync's own time.  While the loop syncs, it does
-nothing else, so this is for fast disks only: while the journal's syncs (the loop's and the
-writer's) take ``INLINE_SLOW`` or more on average, commits go through the writer.  (On a disk
-that turns slow, the loop still waits for the one or two slow syncs that raise the average.)
+records fit in the zeros written ahead (or are too large to have zeros made for them, up to
+``INLINE_MAX``, and leave the segment under its size limit): handing it to the thread and back
+costs two thread switches, on a fast disk a good part of the sync's own time.  While the loop
+syncs, it does nothing else, so this is for fast disks only: while the journal's syncs (the
+loop's and the writer's) take ``INLINE_SLOW`` or more on average, commits go through the
+writer.  (On a disk that turns slow, the loop still waits for the one or two slow syncs that
+raise the average.)
 
 **Segment record format.**  Each record is a 17-byte header ``b"HMQ1"``, a type byte, the length
 of a JSON part (u32, big endian), the length of a data part (u32), and a CRC-32 of both parts
@@ -127,6 +128,9 @@ _ZEROS = memoryview(bytes(ROOM_AHEAD + ROOM_FOR))  # (room from its end to past 
 # the journal's syncs taking this long on average (a slow or busy disk): commits go through
 # the writer thread, none is synced by the event loop
 INLINE_SLOW = 0.005
+# nor a record over this size that would grow the file: the loop would wait for its write and
+# sync (a MiB: 6 ms here), where the two thread switches it spares are 80-200 µs
+INLINE_MAX = 256 * 1024
 SYNC_WEIGHT = 0.2  # of the latest sync in that (moving) average
 
 
@@ -883,10 +887,13 @@ class FsQueue(Queue):
                 data = b"".join(records)
                 end = seg.size + len(data)
                 # making room is the writer's; a synced write too large to have room made for
-                # it grows the file, as it would on the writer (unless it fills the segment:
-                # the writer's maintenance after it starts a new one)
+                # it grows the file, as it would on the writer (unless it is large enough to
+                # hold the loop up, or fills the segment: the writer's maintenance after it
+                # starts a new one)
                 if end <= seg.room or (
-                    sync and len(data) > ROOM_FOR and end < self.segment_max_bytes
+                    sync
+                    and ROOM_FOR < len(data) <= INLINE_MAX
+                    and end < self.segment_max_bytes
                 ):
                     # Nothing to wait for and nothing ahead of these records: appending them here
                     # costs a write(2) (to the page cache, like a log line), plus the fdatasync for
@@ -1284,10 +1291,12 @@ class FsQueue(Queue):
     def commit(
         self, message: bytes, envelopes: list[Envelope], *, alone: bool = False
     ) -> asyncio.Future[None]:
-        """A future, and no coroutine: a commit synced here (``alone``) is done when this
-        returns, so its caller writes the 250 in the same step of the event loop, instead of
-        three steps later (a task's start, its end, the caller's wakeup), behind whatever else
-        became ready meanwhile."""
+        """A future, and no coroutine: a commit the event loop synced itself (``alone`` and
+        the writer idle, see ``_submit``) is done when this returns, so its caller writes the
+        250 in the same step of the loop, instead of three steps later (a task's start, its
+        end, the caller's wakeup), behind whatever else became ready meanwhile.  A commit
+        refused outright (no envelopes, an id in use, the queue closing) raises QueueError
+        here; a failed write fails the future with one."""
         if not envelopes:
             raise QueueError("message without envelopes")
         msgid = envelopes[0].msgid
@@ -1495,11 +1504,12 @@ def _commit_result(fut: asyncio.Future[None]) -> asyncio.Future[None]:
 
 
 def _chain(done: asyncio.Future[None], out: asyncio.Future[None]) -> None:
+    exc = None if done.cancelled() else done.exception()  # read, even when out is cancelled
     if out.done():
         return
     if done.cancelled():
         out.cancel()
-    elif (exc := done.exception()) is not None:
+    elif exc is not None:
         out.set_exception(exc)
     else:
         out.set_result(None)

@@ -241,6 +241,9 @@ class Session(SMTP):
         if not self.lost:
             self.lost = True
             self.ctx.open.discard(self)
+            accepted, self._accepted = self._accepted, None
+            if accepted is not None:  # gone before its 250 was written: logged all the same
+                accepted()
             reason = self._reason or ("error" if error is not None else "disconnected")
             log.event(self.sid, "smtp", "disconnected", reason=reason)
         super().connection_lost(error)

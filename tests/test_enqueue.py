@@ -4,13 +4,15 @@ caller's step (the session writes its 250 in it), and a failed commit schedules 
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from homemail.queue import QueueError
+from homemail.queue import Envelope, QueueError, new_evpid, new_msgid
 from homemail.smtpd import Daemon
 
 
@@ -46,6 +48,24 @@ def daemon(order: list[str]) -> Any:
     return fake
 
 
+def envelopes() -> list[Envelope]:
+    msgid = new_msgid()
+    now = time.time()
+    return [
+        Envelope(
+            evpid=new_evpid(msgid),
+            sender="a@example.org",
+            rcpt="b@localhost",
+            dest="b@localhost",
+            user="b",
+            action="local",
+            ctime=now,
+            expire=now + 3600,
+            next_try=now,
+        )
+    ]
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -68,21 +88,32 @@ async def test_deliveries_start_after_the_callers_step() -> None:
     assert fake.scheduler.stats["queue.commit"] == 1
 
 
-async def test_a_commit_already_done_costs_the_caller_no_step() -> None:
-    """A queue that synced the commit on the loop hands back a finished future: the session
-    goes on to write its 250 without yielding to whatever else is ready."""
+async def test_a_commit_synced_on_the_loop_costs_the_caller_no_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one session the journal syncs the commit on the event loop and hands back a
+    finished future: the session goes on to write its 250 without yielding to whatever else is
+    ready, and the deliveries are scheduled after that step."""
+    import homemail.queue_fs as queue_fs
+
+    monkeypatch.setattr(queue_fs, "INLINE_SLOW", 60.0)  # however slow this machine's syncs
     order: list[str] = []
     fake = daemon(order)
-    done = asyncio.get_running_loop().create_future()
-    done.set_result(None)
-    fake.queue.commit = lambda message, envelopes, alone=False: done
-    envelopes = [object()]
-    step = Daemon.enqueue(fake, b"message", envelopes).__await__()
+    fake.queue = queue_fs.FsQueue(str(tmp_path))
+    fake.queue.load()
+    fake.ctx.sessions = 1
+    await fake.queue.commit(b"first\r\n", envelopes())  # (the writer makes the first room)
+    while fake.queue._busy or fake.queue._pending:
+        await asyncio.sleep(0.001)
+    order.clear()
+    mine = envelopes()
+    step = Daemon.enqueue(fake, b"message\r\n", mine).__await__()
     with pytest.raises(StopIteration):  # finished within its first step
         next(step)
     assert order == []  # scheduled for after that step, not in it
     await settle()
-    assert order == ["schedule"]
+    assert order == ["schedule"] and fake.scheduler.scheduled[-1] == mine
+    await fake.queue.close()
 
 
 async def test_a_caller_cancelled_during_the_commit_still_has_its_envelopes_scheduled() -> None:

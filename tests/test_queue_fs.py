@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -957,9 +958,54 @@ async def test_a_large_commit_alone_grows_the_segment_on_the_loop_until_it_fills
     assert on_loop[:-1] == [True] * (len(on_loop) - 1) and len(on_loop) >= 6
     assert not on_loop[-1]  # the one that reached the segment's size
     assert os.path.getsize(q._segments[0].path) < 9 * big
+    await writer_idle(q)
+    envs = envelopes()
+    body = b"h" * (queue_fs.INLINE_MAX + 1)  # would hold the loop up: the writer's
+    thread, _ = await commit_when_idle(q, appends, body, envs, alone=True)
+    assert thread != loop_thread
+    kept.append((envs[0].msgid, body))
     q, _ = await reopen(q, spool)
     for msgid, body in kept:
         assert q.read_message(msgid) == body
+    await q.close()
+
+
+async def test_a_commit_given_up_by_its_caller_whose_write_fails_leaves_no_warning(
+    tmp_path, monkeypatch
+):
+    """A caller may stop waiting for a commit through the writer (cancelled, ``wait_for``);
+    when the write then fails, nobody is left to read the error, and asyncio must not
+    complain of a future whose exception was never retrieved."""
+    import gc
+
+    import homemail.queue_fs as queue_fs
+
+    q = FsQueue(str(tmp_path))
+    q.load()
+    await q.commit(b"first\r\n", envelopes())
+    await writer_idle(q)
+    loop = asyncio.get_running_loop()
+    reported: list[object] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context.get("message")))
+    gate = threading.Event()
+
+    def failing(fd: int) -> None:
+        gate.wait(5)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(queue_fs.os, "fdatasync", failing)
+    fut = q.commit(b"given up\r\n", envelopes(), alone=False)
+    assert not fut.done()
+    fut.cancel()
+    gate.set()
+    await writer_idle(q)
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    monkeypatch.undo()
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert reported == []
     await q.close()
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import socket
+import struct
 import time
 
 import pytest
 
+from homemail import log
 from homemail.address import parse_mailbox
 from homemail.aliases import UserDb
 from homemail.config import Listener, Location, parse_string
@@ -212,3 +215,45 @@ def test_only_a_home_that_says_none_keeps_an_account_from_mail(home: str, receiv
     from homemail.aliases import _has_home
 
     assert _has_home(home) is receives
+
+
+async def test_a_message_is_logged_before_its_session_ends_when_the_client_resets_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The accepted message is logged once its 250 is written; a client that resets the
+    connection right behind the final dot can end the session first, and the message's lines
+    still come before its ``disconnected``, as a reader of the log groups them."""
+    seen: list[tuple[str, str]] = []
+    real = log.event
+
+    def spy(ident: str, subsystem: str, name: str, /, **fields: object) -> None:
+        if subsystem == "smtp" and name in ("message", "envelope", "disconnected"):
+            seen.append((ident, name))
+        real(ident, subsystem, name, **fields)
+
+    monkeypatch.setattr(log, "event", spy)
+    server, port, received = await _server()
+    async with server:
+        for attempt in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await _reply(reader)
+            for command in (b"HELO c.test", b"MAIL FROM:<a@c.test>", b"RCPT TO:<postmaster>"):
+                writer.write(command + b"\r\n")
+                assert (await _reply(reader)).startswith(b"250 ")
+            writer.write(b"DATA\r\n")
+            assert (await _reply(reader)).startswith(b"354 ")
+            writer.write(f"Subject: {attempt}\r\n\r\nbody\r\n.\r\n".encode())
+            await writer.drain()
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # a reset right behind the final dot
+            deadline = time.monotonic() + 5
+            while sum(name == "disconnected" for _, name in seen) <= attempt:
+                assert time.monotonic() < deadline, seen
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+    assert received  # (some were accepted before their reset was seen)
+    for ident in {i for i, _ in seen}:
+        names = [name for i, name in seen if i == ident]
+        assert names[-1] == "disconnected", names
+        assert names.count("message") == (1 if "envelope" in names else 0), names
