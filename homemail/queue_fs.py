@@ -886,19 +886,17 @@ class FsQueue(Queue):
                 seg = self._segments[-1]
                 data = b"".join(records)
                 end = seg.size + len(data)
-                # making room is the writer's; a synced write too large to have room made for
-                # it grows the file, as it would on the writer (unless it is large enough to
-                # hold the loop up, or fills the segment: the writer's maintenance after it
-                # starts a new one)
+                # Nothing to wait for and nothing ahead of these records: appending them here
+                # costs a write(2) (to the page cache, like a log line), plus the fdatasync for a
+                # commit no other would share it with, where waking the writer costs two thread
+                # switches.  Making room is the writer's; a synced write too large to have room
+                # made for it grows the file, as it would on the writer, unless it would hold
+                # the loop up or fill the segment (the writer's maintenance then rotates).
                 if end <= seg.room or (
                     sync
                     and ROOM_FOR < len(data) <= INLINE_MAX
                     and end < self.segment_max_bytes
                 ):
-                    # Nothing to wait for and nothing ahead of these records: appending them here
-                    # costs a write(2) (to the page cache, like a log line), plus the fdatasync for
-                    # a commit no other would share it with, where waking the writer costs two
-                    # thread switches.
                     try:
                         self._append(data, sync=sync)
                     except OSError as exc:
@@ -1319,10 +1317,11 @@ class FsQueue(Queue):
                 self._cache_bytes += len(message)
 
         fut = self._submit([rec], sync=True, after=placed, alone=alone)
-        if fut.done():
-            return _commit_result(fut)
         out: asyncio.Future[None] = fut.get_loop().create_future()
-        fut.add_done_callback(lambda done: _chain(_commit_result(done), out))
+        if fut.done():
+            _settle_commit(fut, out)
+        else:
+            fut.add_done_callback(lambda done: _settle_commit(done, out))
         return out
 
     async def update(self, envelope: Envelope) -> None:
@@ -1490,25 +1489,19 @@ def _after_last_line(fd: int, end: int) -> int:
     return 0
 
 
-def _commit_result(fut: asyncio.Future[None]) -> asyncio.Future[None]:
-    """A commit's finished future as its caller sees it: a failed write is a QueueError."""
-    exc = None if fut.cancelled() else fut.exception()
-    if not isinstance(exc, OSError):
-        return fut
-    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    error = QueueError(f"cannot write the queue: {exc.strerror}", full=full)
-    error.__cause__ = exc
-    out: asyncio.Future[None] = fut.get_loop().create_future()
-    out.set_exception(error)
-    return out
-
-
-def _chain(done: asyncio.Future[None], out: asyncio.Future[None]) -> None:
-    exc = None if done.cancelled() else done.exception()  # read, even when out is cancelled
+def _settle_commit(done: asyncio.Future[None], out: asyncio.Future[None]) -> None:
+    """Hand a commit's outcome to the future its caller awaits: a failed write as a QueueError.
+    The outcome is read even when the caller gave up (``out`` cancelled): nothing unread."""
+    exc = None if done.cancelled() else done.exception()
     if out.done():
         return
     if done.cancelled():
         out.cancel()
+    elif isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        error = QueueError(f"cannot write the queue: {exc.strerror}", full=full)
+        error.__cause__ = exc
+        out.set_exception(error)
     elif exc is not None:
         out.set_exception(exc)
     else:

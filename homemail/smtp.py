@@ -241,12 +241,17 @@ class Session(SMTP):
         if not self.lost:
             self.lost = True
             self.ctx.open.discard(self)
-            accepted, self._accepted = self._accepted, None
-            if accepted is not None:  # gone before its 250 was written: logged all the same
-                accepted()
+            self._log_accepted()  # gone before its 250 was written: logged all the same
             reason = self._reason or ("error" if error is not None else "disconnected")
             log.event(self.sid, "smtp", "disconnected", reason=reason)
         super().connection_lost(error)
+
+    def _log_accepted(self) -> None:
+        """Log the message just accepted, if not yet logged (its 250 written, or the
+        connection gone first)."""
+        accepted, self._accepted = self._accepted, None
+        if accepted is not None:
+            accepted()
 
     def close_with(self, status: str, text: str, reason: str) -> None:
         """Send a 421 and close (RFC 5321 3.8): a timeout, a shutdown, SMTP paused."""
@@ -589,9 +594,7 @@ class Session(SMTP):
         try:
             await self.push(status)
         finally:
-            accepted, self._accepted = self._accepted, None
-            if accepted is not None:  # logged once the 250 is on its way, not before
-                accepted()
+            self._log_accepted()  # once the 250 is on its way, not before
 
     async def _read_data(self) -> bytes | None:
         """The message up to CR LF . CR LF, dot-unstuffed; None if the connection closed.

@@ -4,15 +4,15 @@ caller's step (the session writes its 250 in it), and a failed commit schedules 
 from __future__ import annotations
 
 import asyncio
-import time
 import types
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_queue_fs import envelopes, writer_idle
 
-from homemail.queue import Envelope, QueueError, new_evpid, new_msgid
+from homemail.queue import QueueError
 from homemail.smtpd import Daemon
 
 
@@ -46,24 +46,6 @@ def daemon(order: list[str]) -> Any:
     )
     fake._committed = types.MethodType(Daemon._committed, fake)
     return fake
-
-
-def envelopes() -> list[Envelope]:
-    msgid = new_msgid()
-    now = time.time()
-    return [
-        Envelope(
-            evpid=new_evpid(msgid),
-            sender="a@example.org",
-            rcpt="b@localhost",
-            dest="b@localhost",
-            user="b",
-            action="local",
-            ctime=now,
-            expire=now + 3600,
-            next_try=now,
-        )
-    ]
 
 
 async def settle() -> None:
@@ -103,8 +85,7 @@ async def test_a_commit_synced_on_the_loop_costs_the_caller_no_step(
     fake.queue.load()
     fake.ctx.sessions = 1
     await fake.queue.commit(b"first\r\n", envelopes())  # (the writer makes the first room)
-    while fake.queue._busy or fake.queue._pending:
-        await asyncio.sleep(0.001)
+    await writer_idle(fake.queue)
     order.clear()
     mine = envelopes()
     step = Daemon.enqueue(fake, b"message\r\n", mine).__await__()

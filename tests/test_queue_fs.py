@@ -1002,6 +1002,8 @@ async def test_a_commit_given_up_by_its_caller_whose_write_fails_leaves_no_warni
     for _ in range(5):
         await asyncio.sleep(0.01)
     monkeypatch.undo()
+    await q.commit(b"after\r\n", envelopes())  # the writer lets go of the failed batch
+    await writer_idle(q)
     gc.collect()
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
