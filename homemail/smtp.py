@@ -116,7 +116,7 @@ class ServerContext:
         max_mails: int,
         max_rcpt: int,
         queue_ttl: int,
-        enqueue: Callable[[bytes, list[Envelope]], Awaitable[None]],
+        enqueue: Callable[[bytes, list[Envelope], Callable[[], None]], Awaitable[None]],
     ) -> None:
         self.hostname = hostname
         self.ruleset = ruleset
@@ -687,17 +687,19 @@ class Session(SMTP):
             src=self.source.address or "local",
             helo=self.session.host_name or "",
         )
+        accepted = functools.partial(
+            log_accepted, self.ctx, self.sid, msgid, message, txn, envelopes, proto, self.uid
+        )
         try:
-            await self.ctx.enqueue(message, envelopes)
+            # a commit that lands after the client vanished is logged by the queue's side
+            await self.ctx.enqueue(message, envelopes, accepted)
         except QueueError as exc:
             log.event(self.sid, "smtp", "message-failed", msgid=format_id(msgid), error=str(exc))
             if exc.full:
                 return "452 4.3.1 Insufficient system storage: the queue is full"
             return "451 4.3.0 Temporary failure: the queue could not store the message"
         self.mails += 1
-        self._accepted = functools.partial(
-            log_accepted, self.ctx, self.sid, msgid, message, txn, envelopes, proto, self.uid
-        )
+        self._accepted = accepted
         return f"250 2.0.0 {format_id(msgid)} Message accepted for delivery"
 
 

@@ -24,7 +24,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -356,13 +356,19 @@ class Daemon:
 
     # -- queue entry points ------------------------------------------------------------------
 
-    async def enqueue(self, message: bytes, envelopes: list[Envelope]) -> None:
+    async def enqueue(
+        self,
+        message: bytes,
+        envelopes: list[Envelope],
+        landed: Callable[[], None] | None = None,
+    ) -> None:
         """Commit a message; its deliveries start once the caller's current step is over.
 
         That step is the session writing its 250, so the reply goes out before the first
         delivery of the message is dispatched.  The commit is shielded: a session cancelled
         while it is in flight (the client vanished) does not leave a committed message
-        unscheduled.
+        unscheduled, and ``landed`` is called once such a commit succeeds (the session logs
+        its message with it, since it is no longer there to do so after its 250).
         """
         # with one client connected no other commit would share this one's sync: the queue
         # may sync it on the event loop, sparing two thread switches, and then hands back a
@@ -372,12 +378,18 @@ class Daemon:
         try:
             await asyncio.shield(commit)
         except asyncio.CancelledError:
-            commit.add_done_callback(lambda _: self._committed(commit, envelopes, orphaned=True))
+            commit.add_done_callback(
+                lambda _: self._committed(commit, envelopes, orphaned=True, landed=landed)
+            )
             raise
         asyncio.get_running_loop().call_soon(self._committed, commit, envelopes)
 
     def _committed(
-        self, commit: asyncio.Future[None], envelopes: list[Envelope], orphaned: bool = False
+        self,
+        commit: asyncio.Future[None],
+        envelopes: list[Envelope],
+        orphaned: bool = False,
+        landed: Callable[[], None] | None = None,
     ) -> None:
         if commit.cancelled():
             return
@@ -386,6 +398,8 @@ class Daemon:
             if orphaned:  # nobody is left to answer 451: say it here
                 log.event("-", "queue", "commit-failed", error=str(error), envelopes=len(envelopes))
             return
+        if orphaned and landed is not None:
+            landed()
         self.scheduler.stats["queue.commit"] += 1
         self.scheduler.schedule(envelopes)
 

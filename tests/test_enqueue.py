@@ -98,17 +98,31 @@ async def test_a_commit_synced_on_the_loop_costs_the_caller_no_step(
 
 
 async def test_a_caller_cancelled_during_the_commit_still_has_its_envelopes_scheduled() -> None:
+    """...and the message logged: the session that would have logged it after its 250 is gone."""
     fake = daemon([])
     envelopes = [object()]
-    caller = asyncio.ensure_future(Daemon.enqueue(fake, b"message", envelopes))
+    landed: list[str] = []
+    caller = asyncio.ensure_future(
+        Daemon.enqueue(fake, b"message", envelopes, lambda: landed.append("logged"))
+    )
     await settle()
     caller.cancel()  # the client vanished with the commit in flight
     with pytest.raises(asyncio.CancelledError):
         await caller
-    assert fake.scheduler.scheduled == []
+    assert fake.scheduler.scheduled == [] and landed == []
     fake.queue.release.set()  # the commit lands afterwards
     await settle()
     assert fake.scheduler.scheduled == [envelopes]
+    assert landed == ["logged"]
+
+
+async def test_a_caller_that_stays_logs_its_own_message() -> None:
+    fake = daemon([])
+    fake.queue.release.set()
+    landed: list[str] = []
+    await Daemon.enqueue(fake, b"message", [object()], lambda: landed.append("logged"))
+    await settle()
+    assert landed == []  # the session logs it once its 250 is written
 
 
 async def test_a_failed_commit_schedules_nothing(capfd: pytest.CaptureFixture[str]) -> None:
@@ -122,14 +136,17 @@ async def test_a_failed_commit_schedules_nothing(capfd: pytest.CaptureFixture[st
 
     fake = daemon([])
     fake.queue.error = QueueError("no space left on device")
-    caller = asyncio.ensure_future(Daemon.enqueue(fake, b"message", [object()]))
+    landed: list[str] = []
+    caller = asyncio.ensure_future(
+        Daemon.enqueue(fake, b"message", [object()], lambda: landed.append("logged"))
+    )
     await settle()
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
     fake.queue.release.set()
     await settle()
-    assert fake.scheduler.scheduled == []
+    assert fake.scheduler.scheduled == [] and landed == []  # not logged as accepted
     assert "queue commit-failed error=" in capfd.readouterr().err  # nobody else could say it
 
 

@@ -9,6 +9,7 @@ import pwd
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -27,12 +28,20 @@ async def _server(
     sessions: list[Session] | None = None,
     timeout: float = TIMEOUT,
     failure: QueueError | None = None,
+    in_flight: list[tuple[asyncio.Event, Callable[[], None]]] | None = None,
 ) -> tuple[asyncio.AbstractServer, int, list[bytes]]:
+    """A server of real sessions whose queue is a list (``received``).  With ``in_flight``,
+    each commit waits until its event is set, and the callback the daemon would call once a
+    commit lands after its session was cancelled is kept beside it."""
     received: list[bytes] = []
 
-    async def enqueue(message: bytes, envelopes: object) -> None:
+    async def enqueue(message: bytes, envelopes: object, landed: Callable[[], None]) -> None:
         if failure is not None:
             raise failure
+        if in_flight is not None:
+            release = asyncio.Event()
+            in_flight.append((release, landed))
+            await release.wait()
         received.append(message)
 
     cfg = parse_string(
@@ -257,3 +266,51 @@ async def test_a_message_is_logged_before_its_session_ends_when_the_client_reset
         names = [name for i, name in seen if i == ident]
         assert names[-1] == "disconnected", names
         assert names.count("message") == (1 if "envelope" in names else 0), names
+
+
+async def test_a_message_committed_after_its_client_vanished_is_logged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client goes away while its message's commit is in flight: the session ends (no 250
+    is written), the commit lands later, and the message and its envelope are logged then, under
+    the session's id, as for any message that is queued and will be delivered."""
+    seen: list[tuple[str, str, dict[str, object]]] = []
+    real = log.event
+
+    def spy(ident: str, subsystem: str, name: str, /, **fields: object) -> None:
+        if subsystem == "smtp":
+            seen.append((ident, name, fields))
+        real(ident, subsystem, name, **fields)
+
+    monkeypatch.setattr(log, "event", spy)
+    in_flight: list[tuple[asyncio.Event, Callable[[], None]]] = []
+    server, port, _ = await _server(in_flight=in_flight)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _reply(reader)
+        for command in (b"HELO c.test", b"MAIL FROM:<a@c.test>", b"RCPT TO:<postmaster>"):
+            writer.write(command + b"\r\n")
+            assert (await _reply(reader)).startswith(b"250 ")
+        writer.write(b"DATA\r\n")
+        assert (await _reply(reader)).startswith(b"354 ")
+        writer.write(b"Subject: gone\r\n\r\nbody\r\n.\r\n")
+        await writer.drain()
+        deadline = time.monotonic() + 5
+        while not in_flight:  # the commit has started
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        writer.close()
+        while not any(name == "disconnected" for _, name, _ in seen):
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.01)
+        assert [name for _, name, _ in seen if name in ("message", "envelope")] == []
+        release, landed = in_flight[0]
+        release.set()  # (the session that waited on it is gone)
+        landed()  # what the daemon does once the commit lands
+    sid = seen[0][0]
+    lines = [(ident, name) for ident, name, _ in seen]
+    assert lines[-2:] == [(sid, "message"), (sid, "envelope")], lines
+    message = next(fields for _, name, fields in seen if name == "message")
+    assert message["nrcpt"] == 1
+    envelope = next(fields for _, name, fields in seen if name == "envelope")
+    assert envelope["to"] == "<postmaster>"
