@@ -182,6 +182,7 @@ class Session(SMTP):
         self._reason: str | None = None  # why the session ended, for the log
         self._accepted: Callable[[], None] | None = None  # logs the message just accepted
         self._deadline = self._armed_for = 0.0
+        self._handler_ended = False
         cls = type(self)
         tables: tuple[list[tuple[str, str]], list[tuple[str, str, bool, Any]]] | None
         tables = cls.__dict__.get("_tables")  # this class's own, not a parent's
@@ -220,6 +221,8 @@ class Session(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
+            assert self._handler_coroutine is not None
+            self._handler_coroutine.add_done_callback(self._handler_done)
             if self.fixed_source is None:
                 peer = transport.get_extra_info("peername")
                 address = peer[0] if isinstance(peer, tuple) else ""
@@ -245,6 +248,26 @@ class Session(SMTP):
             reason = self._reason or ("error" if error is not None else "disconnected")
             log.event(self.sid, "smtp", "disconnected", reason=reason)
         super().connection_lost(error)
+        if self._handler_ended:
+            self._release()
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handler_ended = True
+        if self.lost:
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the references that make a session a cycle, once it is over (the connection
+        lost, its command loop ended): it is then freed at once rather than by the cyclic
+        collector, which under load let thousands of ended sessions pile up first."""
+        self._smtp_methods = {}
+        self._auth_methods = {}
+        self._handle_hooks = {}
+        self._handler_coroutine = None
+        self._timeout_handle = None
+        self._client_connected_cb = None  # (asyncio's: a method of ours)
+        self._writer = None  # type: ignore[assignment]  # (it points back at us)
+        self.event_handler = None  # our _Hooks, which point back at us
 
     def _log_accepted(self) -> None:
         """Log the message just accepted, if not yet logged (its 250 written, or the

@@ -4,12 +4,15 @@ envelopes a transaction makes."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pwd
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -174,7 +177,14 @@ async def test_later_sessions_know_the_same_commands_as_the_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(Session, "_tables", None)  # the next session reflects and records
-    sessions: list[Session] = []
+    tables: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    class Made(list[Session]):  # each session's tables as made (an ended session drops them)
+        def append(self, session: Session) -> None:
+            super().append(session)
+            tables.append((session._smtp_methods, session._auth_methods))
+
+    sessions = Made()
     server, port, _ = await _server(sessions)
     commands = [b"HELP", b"HELP MAIL", b"EHLO client.test", b"AUTH PLAIN", b"NOSUCH"]
     commands += [b"VRFY a", b"EXPN a", b"RSET", b"NOOP", b"STARTTLS", b"DATA", b"QUIT"]
@@ -187,7 +197,6 @@ async def test_later_sessions_know_the_same_commands_as_the_first(
     assert b"AUTH" not in first[0]
     assert first[5].startswith(b"500 ")
     assert all(replies == first for replies in later)
-    tables = [(s._smtp_methods, s._auth_methods) for s in sessions]
     names = [(sorted(smtp), sorted(auth)) for smtp, auth in tables]
     assert names[0][0] == [n[5:] for n in dir(sessions[0]) if n.startswith("smtp_")]
     assert all(n == names[0] for n in names)
@@ -314,3 +323,46 @@ async def test_a_message_committed_after_its_client_vanished_is_logged(
     assert message["nrcpt"] == 1
     envelope = next(fields for _, name, fields in seen if name == "envelope")
     assert envelope["to"] == "<postmaster>"
+
+
+async def test_an_ended_session_is_freed_at_once_not_left_to_the_cycle_collector() -> None:
+    """Once its connection is gone and its command loop has ended, nothing of a session points
+    back at it: it is freed by reference counting alone.  (Left to the cyclic collector, ended
+    sessions piled up under load, and the memory they took stayed with the daemon after it.)"""
+    made: list[weakref.ref[Session]] = []
+
+    class Made(list[Session]):
+        def append(self, session: Session) -> None:
+            made.append(weakref.ref(session))
+
+    server, port, _ = await _server(Made())
+    gc.collect()
+    gc.disable()
+    try:
+        async with server:
+            # a whole message then QUIT; a client that goes away mid-transaction; one that is
+            # timed out after a command
+            await _dialogue(
+                port,
+                [b"EHLO c.test", b"MAIL FROM:<a@c.test>", b"RCPT TO:<postmaster>", b"DATA",
+                 b"Subject: x\r\n\r\nbody\r\n.", b"QUIT"],
+            )
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await _reply(reader)
+            writer.write(b"HELO c.test\r\nMAIL FROM:<a@c.test>\r\n")
+            await _reply(reader)
+            await _reply(reader)
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await _reply(reader)
+            writer.write(b"NOOP\r\n")
+            await _reply(reader)
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"421 ")  # timed out
+            writer.close()
+            deadline = time.monotonic() + 5
+            while any(ref() is not None for ref in made):
+                assert time.monotonic() < deadline, "an ended session is still alive"
+                await asyncio.sleep(0.01)
+    finally:
+        gc.enable()
+    assert len(made) == 3
