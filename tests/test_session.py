@@ -235,6 +235,20 @@ def test_only_a_home_that_says_none_keeps_an_account_from_mail(home: str, receiv
     assert _has_home(home) is receives
 
 
+async def _up_to_the_final_dot(port: int, subject: str) -> asyncio.StreamWriter:
+    """A client that sends one message, up to and with its final dot, and reads no further."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await _reply(reader)
+    for command in (b"HELO c.test", b"MAIL FROM:<a@c.test>", b"RCPT TO:<postmaster>"):
+        writer.write(command + b"\r\n")
+        assert (await _reply(reader)).startswith(b"250 ")
+    writer.write(b"DATA\r\n")
+    assert (await _reply(reader)).startswith(b"354 ")
+    writer.write(f"Subject: {subject}\r\n\r\nbody\r\n.\r\n".encode())
+    await writer.drain()
+    return writer
+
+
 async def test_a_message_is_logged_before_its_session_ends_when_the_client_resets_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -253,15 +267,7 @@ async def test_a_message_is_logged_before_its_session_ends_when_the_client_reset
     server, port, received = await _server()
     async with server:
         for attempt in range(10):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            await _reply(reader)
-            for command in (b"HELO c.test", b"MAIL FROM:<a@c.test>", b"RCPT TO:<postmaster>"):
-                writer.write(command + b"\r\n")
-                assert (await _reply(reader)).startswith(b"250 ")
-            writer.write(b"DATA\r\n")
-            assert (await _reply(reader)).startswith(b"354 ")
-            writer.write(f"Subject: {attempt}\r\n\r\nbody\r\n.\r\n".encode())
-            await writer.drain()
+            writer = await _up_to_the_final_dot(port, str(attempt))
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()  # a reset right behind the final dot
@@ -295,15 +301,7 @@ async def test_a_message_committed_after_its_client_vanished_is_logged(
     in_flight: list[tuple[asyncio.Event, Callable[[], None]]] = []
     server, port, _ = await _server(in_flight=in_flight)
     async with server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await _reply(reader)
-        for command in (b"HELO c.test", b"MAIL FROM:<a@c.test>", b"RCPT TO:<postmaster>"):
-            writer.write(command + b"\r\n")
-            assert (await _reply(reader)).startswith(b"250 ")
-        writer.write(b"DATA\r\n")
-        assert (await _reply(reader)).startswith(b"354 ")
-        writer.write(b"Subject: gone\r\n\r\nbody\r\n.\r\n")
-        await writer.drain()
+        writer = await _up_to_the_final_dot(port, "gone")
         deadline = time.monotonic() + 5
         while not in_flight:  # the commit has started
             assert time.monotonic() < deadline
