@@ -182,7 +182,6 @@ class Session(SMTP):
         self._reason: str | None = None  # why the session ended, for the log
         self._accepted: Callable[[], None] | None = None  # logs the message just accepted
         self._deadline = self._armed_for = 0.0
-        self._handler_ended = False
         cls = type(self)
         tables: tuple[list[tuple[str, str]], list[tuple[str, str, bool, Any]]] | None
         tables = cls.__dict__.get("_tables")  # this class's own, not a parent's
@@ -248,11 +247,10 @@ class Session(SMTP):
             reason = self._reason or ("error" if error is not None else "disconnected")
             log.event(self.sid, "smtp", "disconnected", reason=reason)
         super().connection_lost(error)
-        if self._handler_ended:
-            self._release()
+        if self._handler_coroutine is not None and self._handler_coroutine.done():
+            self._release()  # the command loop ended first (else _handler_done does it)
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
-        self._handler_ended = True
         if self.lost:
             self._release()
 

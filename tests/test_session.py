@@ -10,11 +10,13 @@ import pwd
 import socket
 import struct
 import time
+import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from test_enqueue import daemon as fake_daemon
 
 from homemail import log
 from homemail.address import parse_mailbox
@@ -23,6 +25,7 @@ from homemail.config import Listener, Location, parse_string
 from homemail.queue import QueueError
 from homemail.ruleset import LOCAL_SOURCE, Ruleset
 from homemail.smtp import Recipient, ServerContext, Session, Transaction, make_envelopes
+from homemail.smtpd import Daemon
 
 TIMEOUT = 0.5
 
@@ -31,20 +34,15 @@ async def _server(
     sessions: list[Session] | None = None,
     timeout: float = TIMEOUT,
     failure: QueueError | None = None,
-    in_flight: list[tuple[asyncio.Event, Callable[[], None]]] | None = None,
+    commit: Callable[..., Awaitable[None]] | None = None,
 ) -> tuple[asyncio.AbstractServer, int, list[bytes]]:
-    """A server of real sessions whose queue is a list (``received``).  With ``in_flight``,
-    each commit waits until its event is set, and the callback the daemon would call once a
-    commit lands after its session was cancelled is kept beside it."""
+    """A server of real sessions whose queue is a list (``received``), or ``commit`` (the
+    context's ``enqueue``) when given."""
     received: list[bytes] = []
 
     async def enqueue(message: bytes, envelopes: object, landed: Callable[[], None]) -> None:
         if failure is not None:
             raise failure
-        if in_flight is not None:
-            release = asyncio.Event()
-            in_flight.append((release, landed))
-            await release.wait()
         received.append(message)
 
     cfg = parse_string(
@@ -59,7 +57,7 @@ async def _server(
         max_mails=100,
         max_rcpt=100,
         queue_ttl=3600,
-        enqueue=enqueue,
+        enqueue=commit or enqueue,
     )
     listener = Listener("127.0.0.1", 0, None, None, False, Location("<test>", 1, 1))
 
@@ -298,12 +296,12 @@ async def test_a_message_committed_after_its_client_vanished_is_logged(
         real(ident, subsystem, name, **fields)
 
     monkeypatch.setattr(log, "event", spy)
-    in_flight: list[tuple[asyncio.Event, Callable[[], None]]] = []
-    server, port, _ = await _server(in_flight=in_flight)
+    daemon = fake_daemon([])  # Daemon.enqueue itself, over a queue whose commit waits
+    server, port, _ = await _server(commit=types.MethodType(Daemon.enqueue, daemon))
     async with server:
         writer = await _up_to_the_final_dot(port, "gone")
         deadline = time.monotonic() + 5
-        while not in_flight:  # the commit has started
+        while not daemon.queue.alone:  # the commit has started
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
         writer.close()
@@ -311,9 +309,10 @@ async def test_a_message_committed_after_its_client_vanished_is_logged(
             assert time.monotonic() < deadline, seen
             await asyncio.sleep(0.01)
         assert [name for _, name, _ in seen if name in ("message", "envelope")] == []
-        release, landed = in_flight[0]
-        release.set()  # (the session that waited on it is gone)
-        landed()  # what the daemon does once the commit lands
+        daemon.queue.release.set()  # the commit lands, its session gone
+        while not daemon.scheduler.scheduled:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
     sid = seen[0][0]
     lines = [(ident, name) for ident, name, _ in seen]
     assert lines[-2:] == [(sid, "message"), (sid, "envelope")], lines
